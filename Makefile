@@ -1,0 +1,60 @@
+# Conveyor: `make demo` runs the story end to end, `make test` runs the checks. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SRC := training export serving tests scripts
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test lint typecheck proto proto-check train export experiment experiment-quick serve clean
+
+help: ## List what you can do
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet -e '.[train,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install Conveyor with training and dev tools
+
+demo: $(STAMP) ## Train + export the language model if missing, serve it, stream the France story through gRPC
+	$(BIN)/conveyor demo
+
+test: $(STAMP) proto-check lint typecheck ## Run the test suite, ruff and mypy
+	$(BIN)/pytest
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP) ## mypy (strict)
+	$(BIN)/mypy $(SRC)
+
+proto: $(STAMP) ## Regenerate serving/_proto from protos/
+	$(BIN)/python scripts/gen_protos.py
+
+proto-check: $(STAMP) ## Fail if serving/_proto is stale
+	$(BIN)/python scripts/gen_protos.py --check
+
+train: $(STAMP) ## Train the language and sensor models into artifacts/
+	$(BIN)/conveyor train --task language --out artifacts/language
+	$(BIN)/conveyor train --task sensor --out artifacts/sensor
+
+export: $(STAMP) ## Export artifacts/language and artifacts/sensor to ONNX (verified)
+	$(BIN)/conveyor export artifacts/language
+	$(BIN)/conveyor export artifacts/sensor
+
+experiment: $(STAMP) ## The full LSTM/GRU/RNN gap sweep (about an hour on 2 cores)
+	$(BIN)/conveyor experiment gap-sweep --out reports/gap_sweep
+
+experiment-quick: $(STAMP) ## A reduced gap sweep (minutes)
+	$(BIN)/conveyor experiment gap-sweep --quick --out reports/gap_sweep_quick
+
+serve: $(STAMP) ## Serve artifacts/language on :50051 (metrics on :9100)
+	$(BIN)/conveyor serve --model artifacts/language --port 50051 --metrics-port 9100
+
+clean: ## Remove .venv, caches and generated artifacts
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts

@@ -1,0 +1,50 @@
+"""Raw little-endian tensors on the wire <-> numpy arrays, shared by the servicer and the client.
+
+Decoding never copies: the array is a read-only view of the message's bytes. Encoding copies once, into the
+message's bytes field (protobuf owns its buffers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from serving._proto.conveyor.v1 import conveyor_pb2 as pb
+
+_WIRE_DTYPES: dict[int, np.dtype[np.generic]] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+}
+_PROTO_DTYPES = {dtype: code for code, dtype in _WIRE_DTYPES.items()}
+
+
+class TensorDecodeError(ValueError):
+    """The bytes and the declared dtype and shape of a Tensor do not agree."""
+
+
+def decode(tensor: pb.Tensor) -> np.ndarray:
+    """View a Tensor's bytes as a read-only numpy array of its dtype and shape (no copy)."""
+    dtype = _WIRE_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise TensorDecodeError(f"unsupported tensor dtype {pb.DType.Name(tensor.dtype)}")
+    shape = tuple(tensor.shape)
+    if any(dim < 0 for dim in shape):
+        raise TensorDecodeError(f"tensor shape {list(shape)} has a negative dimension")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise TensorDecodeError(
+            f"tensor data has {len(tensor.data)} bytes but shape {list(shape)} of "
+            f"{pb.DType.Name(tensor.dtype)} needs {expected}"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+def encode(array: np.ndarray) -> pb.Tensor:
+    """A Tensor holding array's elements as little-endian bytes (float32 or int64 only)."""
+    wire = array.dtype.newbyteorder("<")
+    code = _PROTO_DTYPES.get(wire)
+    if code is None:
+        raise TypeError(f"cannot send arrays of dtype {array.dtype}: use float32 or int64")
+    data = np.ascontiguousarray(array, dtype=wire).tobytes()
+    return pb.Tensor(dtype=code, shape=array.shape, data=data)
