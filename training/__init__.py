@@ -1,0 +1,1 @@
+"""Training: the sequence model, its tasks, the training loop and the gap-sweep experiment."""
