@@ -12,7 +12,7 @@ import numpy as np
 
 from serving._proto.conveyor.v1 import conveyor_pb2 as pb
 
-_WIRE_DTYPES: dict[int, np.dtype[np.generic]] = {
+_WIRE_DTYPES: dict[pb.DType.ValueType, np.dtype[np.generic]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_INT64: np.dtype("<i8"),
 }

@@ -1,0 +1,107 @@
+"""A chunk and its result as the domain sees them, and the rules a chunk must keep before anything runs."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from serving.errors import InvalidChunkError, InvalidSessionIdError
+from serving.runner import ModelSpec
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_SHORT_CHUNK = 64  # timesteps
+
+
+class OutputMode(enum.Enum):
+    """Which timesteps' outputs a result carries."""
+
+    ALL = "all"  # [time, outputs]
+    LAST = "last"  # [1, outputs]
+
+
+class Chunk(NamedTuple):
+    """One chunk of one session's sequence, as the client sent it (see the proto's ChunkRequest).
+
+    Chunks and results are named tuples: immutable, and built for every request at a third of a frozen
+    dataclass's cost.
+    """
+
+    session_id: str  # empty with start: the server issues one
+    inputs: np.ndarray  # int64 [time] (tokens) or float32 [time, features]
+    offset: int  # timesteps the client believes the session has consumed
+    start: bool = False
+    end: bool = False
+    reset: bool = False
+    snapshot: bytes = b""
+    outputs: OutputMode = OutputMode.ALL
+
+
+class ChunkResult(NamedTuple):
+    """A chunk's result, or the cached result of a repeated chunk (`replayed`)."""
+
+    session_id: str
+    offset: int  # steps before the chunk
+    steps: int  # steps after it
+    outputs: np.ndarray  # float32 [time, outputs] or [1, outputs]
+    ended: bool
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model and the limits a client must respect."""
+
+    spec: ModelSpec
+    max_chunk_steps: int
+    idle_ttl_s: float
+
+
+def validate(chunk: Chunk, model: ModelInfo) -> None:
+    """Raise `InvalidChunkError` (or `InvalidSessionIdError`) unless `chunk` keeps the contract's rules."""
+    if chunk.session_id:
+        check_session_id(chunk.session_id)
+    elif not chunk.start:
+        raise InvalidChunkError("session_id is empty: set it, or send start to have the server issue one")
+    if (chunk.reset or chunk.snapshot) and not chunk.start:
+        raise InvalidChunkError("reset and snapshot only apply with start")
+    if chunk.offset < 0:
+        raise InvalidChunkError(f"offset must be >= 0, got {chunk.offset}")
+    check_inputs(chunk.inputs, model)
+
+
+def check_session_id(session_id: str) -> None:
+    """Raise `InvalidSessionIdError` unless `session_id` is 1-128 characters of [A-Za-z0-9._:-]."""
+    if not _SESSION_ID.fullmatch(session_id):
+        raise InvalidSessionIdError(session_id)
+
+
+def check_inputs(x: np.ndarray, model: ModelInfo) -> None:
+    """Raise `InvalidChunkError` unless `x` is a valid chunk for `model` (dtype, shape, length, values)."""
+    spec = model.spec
+    tokens = spec.input_kind == "tokens"
+    shape_ok = x.ndim == 1 if tokens else x.ndim == 2 and x.shape[1] == spec.input_size
+    if x.dtype != spec.input_dtype or not shape_ok:
+        wanted = (
+            "INT64 token ids of shape [time]" if tokens else f"FLOAT32 of shape [time, {spec.input_size}]"
+        )
+        raise InvalidChunkError(f"inputs must be {wanted}, got {x.dtype.name} {list(x.shape)}")
+    if not 1 <= len(x) <= model.max_chunk_steps:
+        raise InvalidChunkError(f"a chunk holds 1 to {model.max_chunk_steps} timesteps, got {len(x)}")
+    # One reduction instead of min and max: a negative id read as unsigned is larger than any vocabulary.
+    if tokens and _largest_id(x) >= spec.input_size:
+        bad = int(x[(x < 0) | (x >= spec.input_size)][0])
+        raise InvalidChunkError(f"token id {bad} is outside the vocabulary [0, {spec.input_size})")
+    if not tokens and not np.isfinite(x).all():
+        first = int(np.argmin(np.isfinite(x).all(axis=1)))
+        raise InvalidChunkError(f"inputs hold NaN or infinite values (first at timestep {first})")
+
+
+def _largest_id(x: np.ndarray) -> int:
+    # Read as unsigned, a negative id is larger than any vocabulary: one maximum checks both ends. A short
+    # chunk, the common case when streaming, is faster to check as a list than with a numpy reduction.
+    unsigned = x.view(np.uint64)
+    return max(unsigned.tolist()) if len(x) <= _SHORT_CHUNK else int(unsigned.max())

@@ -1,0 +1,100 @@
+"""The server's configuration: a frozen dataclass, read from `CONVEYOR_*` environment variables by `from_env`.
+
+Each field `name` is set by the variable `CONVEYOR_<NAME>` (e.g. `max_delay_ms` <- `CONVEYOR_MAX_DELAY_MS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CONVEYOR_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable and the expected form."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `build_server` needs. Times carry their unit in the name; 0 ports bind a free port."""
+
+    model_dir: Path  # artifact directory holding model.onnx + model.json
+    host: str = "127.0.0.1"  # interface for gRPC and /metrics; containers set 0.0.0.0
+    port: int = 50051  # gRPC
+    metrics_port: int = 9464  # Prometheus /metrics over HTTP
+    max_batch_size: int = 64  # sessions per runner call; 1 disables cross-session batching
+    max_delay_ms: float = 0.0  # extra wait for a batch to fill; 0 batches only what is already waiting
+    max_chunk_steps: int = 1024  # longest accepted chunk, in timesteps
+    idle_ttl_s: float = 600.0  # a session unused this long expires
+    session_lifetime_s: float = 86400.0  # a session older than this ends, however busy
+    max_sessions: int = 10000  # live sessions held at once
+    evict_lru_at_capacity: bool = False  # at capacity: evict the least recently used session, else reject
+    sweep_interval_s: float = 1.0  # how often expired sessions are looked for
+    replay_window_s: float = 60.0  # how long a session keeps its last response to answer a retry
+    max_inflight_per_stream: int = 256  # unanswered chunks one stream may have before it is read no further
+    ort_intra_op_threads: int = 1  # ONNX Runtime threads per batch; parallelism comes from batching
+    grace_s: float = 10.0  # on stop, how long in-flight chunks get to finish
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            _check(name, 0 <= getattr(self, name) <= 65535, "a port in 0..65535 (0 binds a free port)")
+        for name in ("max_batch_size", "max_chunk_steps", "max_sessions", "max_inflight_per_stream"):
+            _check(name, getattr(self, name) >= 1, "an integer >= 1")
+        _check("ort_intra_op_threads", self.ort_intra_op_threads >= 0, "an integer >= 0 (0: ORT decides)")
+        for name in ("idle_ttl_s", "session_lifetime_s", "sweep_interval_s", "replay_window_s"):
+            _check(name, getattr(self, name) > 0, "a number of seconds > 0")
+        for name in ("max_delay_ms", "grace_s"):
+            _check(name, getattr(self, name) >= 0, "a number >= 0")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> ServerConfig:
+        """Build a config from `CONVEYOR_*` variables in `env`; `overrides` (e.g. CLI flags) win over them.
+
+        Raises `ConfigError` naming the variable when a value does not parse or is out of range, or when
+        `CONVEYOR_MODEL_DIR` is missing and no `model_dir` override is given.
+        """
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            variable = ENV_PREFIX + field.name.upper()
+            if variable in env:
+                values[field.name] = _parse(variable, env[variable], str(field.type))
+        values.update(overrides)
+        if "model_dir" not in values:
+            raise ConfigError(
+                f"{ENV_PREFIX}MODEL_DIR is not set: give the artifact directory (model.onnx, model.json)"
+            )
+        return cls(**values)
+
+
+def _check(name: str, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} (env {ENV_PREFIX}{name.upper()}) must be {expected}")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "Path": Path,
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": _parse_bool,
+}
+
+
+def _parse(variable: str, text: str, type_name: str) -> Any:
+    try:
+        return _PARSERS[type_name](text)
+    except ValueError as exc:
+        raise ConfigError(f"{variable}={text!r} is not a valid {type_name}: {exc}") from exc

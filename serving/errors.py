@@ -1,0 +1,86 @@
+"""Domain exceptions of the serving stage. `service.py` maps each to a gRPC status code, in one table.
+
+Every message is written for the person reading the client's error: it says what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class ConveyorError(Exception):
+    """Base of every expected serving failure; anything else is a bug and becomes INTERNAL."""
+
+
+class ModelLoadError(ConveyorError):
+    """The artifact directory cannot be served; the server refuses to start with this message."""
+
+
+class InvalidChunkError(ConveyorError):
+    """A chunk's inputs, flags or session id break the contract; nothing was applied."""
+
+
+class InvalidSessionIdError(ConveyorError):
+    """A session id breaks the id rules (1-128 characters of [A-Za-z0-9._:-])."""
+
+    def __init__(self, session_id: str) -> None:
+        shown = session_id if len(session_id) <= 140 else session_id[:140] + "..."
+        super().__init__(f"session id {shown!r} is invalid: use 1-128 characters of A-Z a-z 0-9 . _ : -")
+
+
+class SessionNotFoundError(ConveyorError):
+    """The session is unknown: it was never started, has ended, or expired."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} expired or never started: send a chunk with start to begin it"
+        )
+
+
+class SessionAlreadyExistsError(ConveyorError):
+    """`start` named a live session; starting would silently discard its state."""
+
+    def __init__(self, session_id: str, steps: int) -> None:
+        super().__init__(
+            f"session {session_id!r} is already live at {steps} steps: continue it with offset {steps}, "
+            "pick another id, or send start with reset to restart it"
+        )
+
+
+class OffsetMismatchError(ConveyorError):
+    """The chunk's offset is not the session's step count; the message carries the server's count."""
+
+    def __init__(self, session_id: str, offset: int, steps: int) -> None:
+        super().__init__(
+            f"session {session_id!r} has consumed {steps} steps but the chunk's offset is {offset}: "
+            f"resend from offset {steps}"
+        )
+        self.steps = steps
+
+
+class CapacityExceededError(ConveyorError):
+    """The server holds its maximum number of sessions and is configured not to evict."""
+
+    def __init__(self, max_sessions: int) -> None:
+        super().__init__(
+            f"the server is at its capacity of {max_sessions} sessions: end idle sessions or retry later"
+        )
+
+
+class InvalidSnapshotError(ConveyorError):
+    """The snapshot blob is not one this server wrote (truncated, corrupt, or another format)."""
+
+
+class SnapshotModelMismatchError(ConveyorError):
+    """The snapshot was taken on a different model; its state means nothing to this one."""
+
+    def __init__(self, snapshot_fingerprint: str, model_fingerprint: str) -> None:
+        super().__init__(
+            f"the snapshot was taken on model {snapshot_fingerprint[:12]} but this server runs "
+            f"{model_fingerprint[:12]}: restore it on a replica serving that model"
+        )
+
+
+class ShuttingDownError(ConveyorError):
+    """The server is draining and takes no new chunks."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down: reconnect, or send the chunk to another replica")

@@ -1,0 +1,211 @@
+"""Every Prometheus metric of the server, in one place, on an injectable registry. Base units; no session ids.
+
+Per-chunk latency is measured in the servicer's stream loop and in the batcher, not in an interceptor: on a
+streaming RPC an interceptor sees the whole stream. The interceptor here records the per-RPC metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# A 1-2.5-5 series from 50 µs, so that sub-millisecond chunks and batches land in distinct buckets, to 10 s.
+LATENCY_BUCKETS_S = tuple(
+    round(m * 10.0**e, 6) for e in range(-5, 2) for m in (1, 2.5, 5) if 50e-6 <= m * 10.0**e <= 10
+)
+RPC_BUCKETS_S = (*LATENCY_BUCKETS_S, 30.0, 60.0, 300.0, 1800.0, 3600.0)  # streams live long
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TIMESTEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+SESSION_DURATION_BUCKETS_S = (1.0, 10.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 6 * 3600.0, 24 * 3600.0)
+SESSION_TIMESTEP_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+END_REASONS = ("end", "ttl", "lifetime", "capacity", "shutdown")
+
+
+class ConveyorMetrics:
+    """The server's metrics; implements the batcher's and the engine's metrics protocols."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def histogram(name: str, doc: str, buckets: tuple[float, ...], *labels: str) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry)
+
+        self._handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed, by status code.",
+            ("grpc_service", "grpc_method", "grpc_code"),
+            registry=registry,
+        )
+        self._handling = histogram(
+            "grpc_server_handling_seconds",
+            "RPC duration; for a stream, its lifetime.",
+            RPC_BUCKETS_S,
+            "grpc_service",
+            "grpc_method",
+        )
+        self._chunk_latency = histogram(
+            "conveyor_chunk_latency_seconds", "Chunk receipt to response.", LATENCY_BUCKETS_S
+        )
+        self._queue_wait = histogram(
+            "conveyor_queue_wait_seconds", "Chunk wait for its batch to start.", LATENCY_BUCKETS_S
+        )
+        self._inference = histogram("conveyor_inference_seconds", "One runner call.", LATENCY_BUCKETS_S)
+        self._batch_size = histogram("conveyor_batch_size", "Chunks per runner call.", BATCH_BUCKETS)
+        self._chunk_steps = histogram(
+            "conveyor_chunk_timesteps", "Timesteps per applied chunk.", TIMESTEP_BUCKETS
+        )
+        self._sessions = Gauge("conveyor_sessions_active", "Live sessions.", registry=registry)
+        self._capacity = Gauge("conveyor_sessions_max", "Session capacity (max_sessions).", registry=registry)
+        self._state_bytes = Gauge(
+            "conveyor_state_bytes",
+            "Bytes of recurrent state (h, c) held for live sessions.",
+            registry=registry,
+        )
+        self._started = Counter("conveyor_sessions_started", "Sessions created.", registry=registry)
+        ended = Counter(
+            "conveyor_sessions_ended", "Sessions ended, by reason.", ("reason",), registry=registry
+        )
+        self._ended = {reason: ended.labels(reason) for reason in END_REASONS}  # pre-bound: all show 0
+        self._timesteps = Counter("conveyor_timesteps", "Timesteps applied.", registry=registry)
+        self._errors = Counter(
+            "conveyor_chunk_errors", "Failed chunks, by status code.", ("code",), registry=registry
+        )
+        self._model = Gauge(
+            "conveyor_model_info", "The served model.", ("name", "fingerprint"), registry=registry
+        )
+        self._session_duration = histogram(
+            "conveyor_session_duration_seconds", "Session age when it ended.", SESSION_DURATION_BUCKETS_S
+        )
+        self._session_steps = histogram(
+            "conveyor_session_timesteps",
+            "Timesteps a session consumed, when it ended.",
+            SESSION_TIMESTEP_BUCKETS,
+        )
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def set_model(self, name: str, fingerprint: str) -> None:
+        """Publish the served model as `conveyor_model_info{name, fingerprint} 1`."""
+        self._model.labels(name, fingerprint).set(1)
+
+    def track_sessions(self, count: Callable[[], int], state_bytes: Callable[[], int], capacity: int) -> None:
+        """Publish the capacity; read the live gauges from the store at scrape time, never stale."""
+        self._capacity.set(capacity)
+        self._sessions.set_function(count)
+        self._state_bytes.set_function(state_bytes)
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        """Time one chunk waited between submission and the start of its batch."""
+        self._queue_wait.observe(seconds)
+
+    def observe_batch(self, size: int, inference_s: float) -> None:
+        """One runner call: rows in the batch and the call's duration."""
+        self._batch_size.observe(size)
+        self._inference.observe(inference_s)
+
+    def session_started(self) -> None:
+        """A session was created."""
+        self._started.inc()
+
+    def session_ended(self, reason: str, duration_s: float, steps: int) -> None:
+        """A session ended."""
+        self._ended[reason].inc()
+        self._session_duration.observe(duration_s)
+        self._session_steps.observe(steps)
+
+    def chunk_applied(self, timesteps: int) -> None:
+        """A chunk was run and its state committed."""
+        self._timesteps.inc(timesteps)
+        self._chunk_steps.observe(timesteps)
+
+    def chunk_answered(self, latency_s: float, error_code: str | None = None) -> None:
+        """A chunk was answered `latency_s` after receipt; `error_code` names a failure's gRPC code."""
+        self._chunk_latency.observe(latency_s)
+        if error_code is not None:
+            self._child(self._errors, error_code).inc()
+
+    def rpc_handled(self, service: str, method: str, code: str, seconds: float) -> None:
+        """An RPC finished with status `code` after `seconds`."""
+        self._child(self._handled, service, method, code).inc()
+        self._child(self._handling, service, method).observe(seconds)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # Binding labels costs a lock and a dict lookup inside prometheus_client; keep the bound child.
+        key = (str(id(metric)), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+_FACTORIES = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Records `grpc_server_handled_total` and `grpc_server_handling_seconds` for every RPC."""
+
+    def __init__(self, metrics: ConveyorMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        """Wrap the RPC's handler so its end is recorded with its status code."""
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        for kind, factory in _FACTORIES.items():
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                wrapped = self._wrap(behavior, service, method)
+                return factory(wrapped, handler.request_deserializer, handler.response_serializer)
+        return handler
+
+    def _wrap(self, behavior: Behavior, service: str, method: str) -> Behavior:
+        record = self._metrics.rpc_handled
+        if inspect.isasyncgenfunction(behavior):
+
+            async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started, error = time.perf_counter(), None
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    record(service, method, _code(context, error), time.perf_counter() - started)
+
+            return streamed
+
+        async def awaited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started, error = time.perf_counter(), None
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                record(service, method, _code(context, error), time.perf_counter() - started)
+
+        return awaited
+
+
+def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    code = context.code()  # set by abort() or set_code(); None when the handler left it alone
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if error is None or isinstance(error, GeneratorExit):
+        return "OK"
+    # A client that went away cancels the handler; grpcio reports any other escaped exception as UNKNOWN.
+    return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNKNOWN"

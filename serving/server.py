@@ -1,0 +1,266 @@
+"""Wiring: model -> store -> batcher -> engine -> servicer; health, reflection, /metrics, graceful stop.
+
+The gRPC server runs on its own asyncio loop in a background thread, so `build_server` returns a handle that
+plain (synchronous) code drives: the CLI's `serve`, and tests that share one server across a module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+from serving._proto.conveyor.v1 import conveyor_pb2 as pb
+from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
+from serving.batcher import Batcher
+from serving.chunks import ModelInfo
+from serving.config import ServerConfig
+from serving.engine import Engine
+from serving.metrics import ConveyorMetrics, RpcMetricsInterceptor
+from serving.runner import ModelSpec, OnnxStepRunner
+from serving.service import ConveyorServicer
+from serving.sessions import InMemorySessionStore, StoreLimits
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Conveyor"].full_name
+# Once chunks have drained and streams were told, the gRPC server itself only waits this long (e.g. for health
+# watchers, which never end on their own).
+_FINAL_GRACE_S = 1.0
+
+
+@dataclass
+class _App:
+    """The running parts, owned by the server thread's loop."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    engine: Engine
+    servicer: ConveyorServicer
+    batcher: Batcher
+    http: WSGIServer  # serves /metrics
+    port: int
+    metrics_port: int
+    stopped: asyncio.Event
+
+    async def stop(self, grace_s: float) -> None:
+        """Health NOT_SERVING, in-flight chunks finish, sessions end (shutdown), streams close, then stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.engine.close(grace_s)
+        self.servicer.close_streams()
+        await self.server.stop(_FINAL_GRACE_S)
+        await self.batcher.close()
+        await asyncio.to_thread(_close_http, self.http)
+        self.stopped.set()
+
+
+class RunningServer:
+    """A started server: its bound ports, and `stop`. Also a context manager that stops on exit."""
+
+    def __init__(
+        self,
+        app: _App,
+        spec: ModelSpec,
+        config: ServerConfig,
+        loop: asyncio.AbstractEventLoop,
+        thread: threading.Thread,
+    ) -> None:
+        self.port = app.port
+        self.metrics_port = app.metrics_port
+        self.spec = spec
+        self._app, self._config, self._loop, self._thread = app, config, loop, thread
+        self._stopping: concurrent.futures.Future[None] | None = None
+        self._lock = threading.Lock()
+
+    def request_stop(self, grace_s: float | None = None) -> concurrent.futures.Future[None]:
+        """Begin a graceful stop without waiting for it; later calls return the first call's future."""
+        with self._lock:
+            # Only the first request runs: the loop ends with that stop, so a second one could never finish.
+            if self._stopping is None:
+                grace = self._config.grace_s if grace_s is None else grace_s
+                self._stopping = asyncio.run_coroutine_threadsafe(self._app.stop(grace), self._loop)
+            return self._stopping
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop gracefully (in-flight chunks get `grace_s`, default the config's) and wait until it has."""
+        self.request_stop(grace_s).result()
+        self._thread.join()
+
+    def wait(self) -> None:
+        """Block until the server has stopped."""
+        self._thread.join()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
+
+
+def build_server(
+    config: ServerConfig,
+    registry: CollectorRegistry | None = None,
+    *,
+    runner: OnnxStepRunner | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> RunningServer:
+    """Load the model, start gRPC and /metrics, and return once health says SERVING.
+
+    Port 0 (gRPC or metrics) binds a free port; the handle's `port` and `metrics_port` are the real ones.
+    `runner` replaces loading `config.model_dir`; `clock` drives session expiry (both for tests).
+    Raises `ModelLoadError` when the model cannot be served; `OSError` or `RuntimeError` when a port is taken.
+    """
+    runner = runner or OnnxStepRunner.load(config.model_dir, intra_op_threads=config.ort_intra_op_threads)
+    registry = registry or _process_registry()
+    started: concurrent.futures.Future[tuple[_App, asyncio.AbstractEventLoop]] = concurrent.futures.Future()
+    thread = threading.Thread(
+        target=_run_loop, args=(config, registry, runner, clock, started), name="conveyor-server", daemon=True
+    )
+    thread.start()
+    app, loop = started.result()
+    return RunningServer(app, runner.spec, config, loop, thread)
+
+
+def serve(config: ServerConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully. Logs the ports and the model once ready."""
+    server = build_server(config)
+    spec = server.spec
+    logger.info(
+        "serving model %s (fingerprint %s) on %s:%d (gRPC), metrics on http://%s:%d/metrics",
+        spec.name,
+        spec.fingerprint,
+        config.host,
+        server.port,
+        config.host,
+        server.metrics_port,
+    )
+    previous = {
+        sig: signal.signal(sig, lambda *_: server.request_stop()) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        server.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    logger.info("stopped")
+
+
+def _run_loop(
+    config: ServerConfig,
+    registry: CollectorRegistry,
+    runner: OnnxStepRunner,
+    clock: Callable[[], float],
+    started: concurrent.futures.Future[tuple[_App, asyncio.AbstractEventLoop]],
+) -> None:
+    async def main() -> None:
+        try:
+            app = await _start(config, registry, runner, clock)
+        except BaseException as exc:
+            started.set_exception(exc)
+            return
+        started.set_result((app, asyncio.get_running_loop()))
+        await app.stopped.wait()
+
+    asyncio.run(main())
+
+
+async def _start(
+    config: ServerConfig, registry: CollectorRegistry, runner: OnnxStepRunner, clock: Callable[[], float]
+) -> _App:
+    spec = runner.spec
+    metrics = ConveyorMetrics(registry)
+    metrics.set_model(spec.name, spec.fingerprint)
+    limits = StoreLimits(
+        idle_ttl_s=config.idle_ttl_s,
+        lifetime_s=config.session_lifetime_s,
+        max_sessions=config.max_sessions,
+        evict_lru=config.evict_lru_at_capacity,
+        replay_window_s=config.replay_window_s,
+    )
+    store = InMemorySessionStore(
+        layers=spec.layers, hidden=spec.hidden, fingerprint=spec.fingerprint, limits=limits, clock=clock
+    )
+    metrics.track_sessions(store.__len__, store.state_bytes, config.max_sessions)
+    batcher = Batcher(
+        runner, max_batch_size=config.max_batch_size, max_delay_ms=config.max_delay_ms, metrics=metrics
+    )
+    engine = Engine(ModelInfo(spec, config.max_chunk_steps, config.idle_ttl_s), store, batcher, metrics)
+    servicer = ConveyorServicer(engine, metrics, max_inflight_per_stream=config.max_inflight_per_stream)
+    # so_reuseport off: a second server on a taken port must fail, not silently share it.
+    server = grpc.aio.server(
+        interceptors=[RpcMetricsInterceptor(metrics)], options=[("grpc.so_reuseport", 0)]
+    )
+    pb_grpc.add_ConveyorServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port, http = _bind(server, config, registry)
+    try:
+        await server.start()
+    except BaseException:
+        _close_http(http)
+        raise
+    engine.start_sweeper(config.sweep_interval_s)
+    # The runner was loaded and warmed up before this point: ready to serve.
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port = int(http.server_address[1])
+    return _App(server, health_servicer, engine, servicer, batcher, http, port, metrics_port, asyncio.Event())
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
+
+
+def _bind(
+    server: grpc.aio.Server, config: ServerConfig, registry: CollectorRegistry
+) -> tuple[int, WSGIServer]:
+    # Both become OSError with the address in the message: the CLI prints it as one readable line.
+    address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot serve gRPC on {address}: the port is taken or the host is not local") from exc
+    try:
+        http, _ = start_http_server(config.metrics_port, config.host, registry)
+    except OSError as exc:
+        raise OSError(
+            f"cannot serve /metrics on {config.host}:{config.metrics_port}: {exc.strerror}"
+        ) from exc
+    return port, http
+
+
+def _process_registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    for collector in (ProcessCollector, PlatformCollector, GCCollector):
+        collector(registry=registry)
+    return registry
+
+
+def _close_http(http: WSGIServer) -> None:
+    http.shutdown()
+    http.server_close()

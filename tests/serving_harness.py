@@ -1,0 +1,224 @@
+"""Shared by the server tests: a real server on free ports, raw gRPC stubs, and the offline reference run.
+
+Raw stubs on purpose: these tests pin the wire contract itself, independently of `serving.client`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import queue
+import re
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving._proto.conveyor.v1 import conveyor_pb2 as pb
+from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
+from serving.config import ServerConfig
+from serving.runner import OnnxStepRunner
+from serving.server import RunningServer, build_server
+from serving.tensors import decode, encode
+
+TOLERANCE = 1e-5
+
+
+@contextmanager
+def running(
+    artifact: Path,
+    *,
+    runner: OnnxStepRunner | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    **overrides: Any,
+) -> Iterator[RunningServer]:
+    """A server for `artifact` on free ports with a fresh registry, stopped on exit."""
+    config = ServerConfig(model_dir=artifact, port=0, metrics_port=0, grace_s=5.0, **overrides)
+    with build_server(config, CollectorRegistry(), runner=runner, clock=clock) as server:
+        yield server
+
+
+@contextmanager
+def connect(server: RunningServer) -> Iterator[pb_grpc.ConveyorStub]:
+    """A fresh channel (a new connection) to `server`, closed on exit."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield pb_grpc.ConveyorStub(channel)
+
+
+def health_status(server: RunningServer, service: str = "") -> int:
+    """The health service's answer for `service` ("" is the whole server)."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status)
+
+
+def scrape(server: RunningServer) -> tuple[str, dict[str, float]]:
+    """GET /metrics: the exposition text, and every sample as `name{labels}` -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return text, samples
+
+
+def card(artifact: Path) -> dict[str, Any]:
+    """The artifact's model.json (read afresh: a test may rewrite it)."""
+    return dict(json.loads((artifact / "model.json").read_text()))
+
+
+def make_inputs(artifact: Path, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """A random valid sequence for the artifact's model: int64 [steps] or float32 [steps, features]."""
+    spec = card(artifact)["input"]
+    if spec["kind"] == "tokens":
+        return rng.integers(0, spec["size"], steps, dtype=np.int64)
+    return rng.standard_normal((steps, spec["size"])).astype(np.float32)
+
+
+def offline(artifact: Path, x: np.ndarray) -> np.ndarray:
+    """Outputs [time, outputs] of the whole sequence in one ONNX Runtime run from zero state."""
+    spec = card(artifact)
+    state = np.zeros((spec["layers"], 1, spec["hidden"]), np.float32)
+    y, _, _ = _reference(artifact).run(None, {"x": x[None], "h0": state, "c0": state})
+    return np.asarray(y[0])
+
+
+@functools.cache
+def _reference(artifact: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def random_cuts(length: int, rng: np.random.Generator, most: int = 7) -> list[tuple[int, int]]:
+    """Split [0, length) into consecutive (start, stop) pieces of 1..most steps."""
+    pieces, start = [], 0
+    while start < length:
+        stop = min(length, start + int(rng.integers(1, most + 1)))
+        pieces.append((start, stop))
+        start = stop
+    return pieces
+
+
+def chunk(session_id: str, x: np.ndarray, offset: int, **fields: Any) -> pb.ChunkRequest:
+    """A ChunkRequest carrying `x`."""
+    return pb.ChunkRequest(session_id=session_id, inputs=encode(x), offset=offset, **fields)
+
+
+def outputs(response: pb.ChunkResponse) -> np.ndarray:
+    """A response's outputs as an array."""
+    return decode(response.outputs)
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal shapes and max abs difference within TOLERANCE."""
+    assert actual.shape == expected.shape
+    assert float(np.abs(actual - expected).max()) <= TOLERANCE
+
+
+def sequence(artifact: Path, steps: int = 12, seed: int = 0) -> np.ndarray:
+    """A fixed random valid sequence for the artifact's model."""
+    return make_inputs(artifact, steps, np.random.default_rng(seed))
+
+
+def start_session(stub: pb_grpc.ConveyorStub, session_id: str, x: np.ndarray) -> pb.ChunkResponse:
+    """Start `session_id` with `x` over a unary Step."""
+    response: pb.ChunkResponse = stub.Step(chunk(session_id, x, 0, start=True), timeout=10)
+    return response
+
+
+def assert_continues(
+    stub: pb_grpc.ConveyorStub, artifact: Path, session_id: str, x: np.ndarray, at: int
+) -> None:
+    """The session is exactly at step `at` of `x`: the rest of `x` gives the offline outputs."""
+    response = stub.Step(chunk(session_id, x[at:], at), timeout=10)
+    assert response.steps == len(x)
+    assert_close(outputs(response), offline(artifact, x)[at:])
+
+
+def assert_error(error: grpc.RpcError, code: grpc.StatusCode, pattern: str) -> None:
+    """The error has `code` and a message matching `pattern`."""
+    assert error.code() == code, error
+    assert re.search(pattern, str(error.details())), error.details()
+
+
+class RawStream:
+    """A Stream call driven one message at a time from test code (requests go through a queue)."""
+
+    def __init__(self, stub: pb_grpc.ConveyorStub) -> None:
+        self._requests: queue.Queue[pb.ChunkRequest | None] = queue.Queue()
+        self._responses = stub.Stream(iter(self._requests.get, None))
+
+    def send(self, request: pb.ChunkRequest) -> None:
+        """Send one request without waiting."""
+        self._requests.put(request)
+
+    def receive(self) -> pb.StreamResponse:
+        """The next message from the server (a chunk, an error or a notice)."""
+        response: pb.StreamResponse = next(self._responses)
+        return response
+
+    def call(self, request: pb.ChunkRequest) -> pb.StreamResponse:
+        """Send a request and return the next message."""
+        self.send(request)
+        return self.receive()
+
+    def close(self) -> list[pb.StreamResponse]:
+        """Half-close, and return what the server still sends before it ends the stream."""
+        self._requests.put(None)
+        return list(self._responses)
+
+
+def rejected(call: Callable[..., Any], request: Any) -> grpc.RpcError:
+    """The error a unary call fails with (the test fails if it succeeds)."""
+    try:
+        call(request, timeout=10)
+    except grpc.RpcError as error:
+        return error
+    raise AssertionError(f"expected the call to fail: {request}")
+
+
+class FakeClock:
+    """A clock that moves only when told to: injected as the server's session clock."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward."""
+        self.now_s += seconds
+
+
+class FakeRunner:
+    """A `StepRunner` in numpy for unit tests: rows independent, so batching must not change any row.
+
+    Per step: h = 0.5 h + 0.25 sum(x_t), c = c + h; y_t = h of the last layer. Only exactly rounded float32
+    operations, so a row's result is bitwise the same in any batch.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []  # (batch, time) of each run
+
+    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x [B, T] or [B, T, F], h, c (layers, B, H)) -> (y [B, T, H], hn, cn)."""
+        batch, steps = x.shape[:2]
+        self.calls.append((batch, steps))
+        drive = x.reshape(batch, steps, -1).sum(axis=2, dtype=np.float32)  # [B, T]
+        rows = []
+        for t in range(steps):
+            h = np.float32(0.5) * h + np.float32(0.25) * drive[None, :, t, None]
+            c = c + h
+            rows.append(h[-1])
+        return np.stack(rows, axis=1), h, c

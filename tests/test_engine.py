@@ -1,0 +1,211 @@
+"""The session contract in the domain layer, with a fake runner: ordering, atomicity, notices, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from serving_harness import FakeClock, FakeRunner
+
+from serving.batcher import Batcher
+from serving.chunks import Chunk, ModelInfo
+from serving.engine import Engine
+from serving.errors import OffsetMismatchError, ShuttingDownError
+from serving.metrics import ConveyorMetrics
+from serving.runner import ModelSpec
+from serving.sessions import EndReason, InMemorySessionStore, SessionEnd, StoreLimits
+
+pytestmark = pytest.mark.timeout(30)
+
+_T = TypeVar("_T")
+LAYERS, HIDDEN, VOCABULARY = 2, 3, 50
+SPEC = ModelSpec(
+    name="fake",
+    task="fake",
+    input_kind="tokens",
+    input_size=VOCABULARY,
+    output_size=HIDDEN,
+    output_meaning="the last layer's h",
+    output_labels=("a", "b", "c"),
+    vocabulary=tuple(f"w{i}" for i in range(VOCABULARY)),
+    layers=LAYERS,
+    hidden=HIDDEN,
+    fingerprint="ef" * 32,
+)
+
+
+class Harness:
+    """An engine over a real store and batcher with a fake runner, and what it reported."""
+
+    def __init__(self, runner: FakeRunner, clock: FakeClock) -> None:
+        self.registry = CollectorRegistry()
+        metrics = ConveyorMetrics(self.registry)
+        limits = StoreLimits(idle_ttl_s=60, lifetime_s=3600, max_sessions=100, evict_lru=False)
+        self.store = InMemorySessionStore(
+            layers=LAYERS, hidden=HIDDEN, fingerprint=SPEC.fingerprint, limits=limits, clock=clock
+        )
+        self.batcher = Batcher(runner, max_batch_size=64, max_delay_ms=0, metrics=metrics)
+        self.engine = Engine(ModelInfo(SPEC, 16, 60), self.store, self.batcher, metrics)
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+
+def _run(scenario: Callable[[Harness], Awaitable[_T]], runner: FakeRunner | None = None,
+         clock: FakeClock | None = None) -> _T:  # fmt: skip
+    async def main() -> _T:
+        harness = Harness(runner or FakeRunner(), clock or FakeClock())
+        try:
+            return await scenario(harness)
+        finally:
+            await harness.batcher.close()
+
+    return asyncio.run(main())
+
+
+def _expected(x: np.ndarray) -> np.ndarray:
+    zeros = np.zeros((LAYERS, 1, HIDDEN), np.float32)
+    return np.asarray(FakeRunner().run(x[None], zeros, zeros)[0][0])
+
+
+X = np.arange(12, dtype=np.int64) % VOCABULARY
+
+
+def test_concurrent_chunks_of_one_session_apply_in_arrival_order() -> None:
+    async def scenario(h: Harness) -> list[np.ndarray]:
+        cuts = [(0, 3), (3, 4), (4, 9), (9, 12)]
+        chunks = [Chunk("ordered", X[a:b], a, start=a == 0) for a, b in cuts]
+        results = await asyncio.gather(*(h.engine.step(chunk) for chunk in chunks))
+        return [result.outputs for result in results]
+
+    assert np.array_equal(np.concatenate(_run(scenario)), _expected(X))
+
+
+class FailingRunner(FakeRunner):
+    """Fails while `broken` is set."""
+
+    broken = False
+
+    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.broken:
+            raise RuntimeError("the runtime failed")
+        return super().run(x, h, c)
+
+
+def test_a_failed_run_leaves_the_session_as_it_was() -> None:
+    runner = FailingRunner()
+
+    async def scenario(h: Harness) -> np.ndarray:
+        first = await h.engine.step(Chunk("atomic", X[:5], 0, start=True))
+        runner.broken = True
+        with pytest.raises(RuntimeError):
+            await h.engine.step(Chunk("atomic", X[5:], 5))
+        runner.broken = False
+        assert h.store.get("atomic").steps == 5
+        second = await h.engine.step(Chunk("atomic", X[5:], 5))
+        return np.concatenate([first.outputs, second.outputs])
+
+    assert np.array_equal(_run(scenario, runner), _expected(X))
+
+
+def test_a_watcher_hears_of_the_end_after_the_chunk_that_ended_it() -> None:
+    async def scenario(h: Harness) -> tuple[list[SessionEnd], list[SessionEnd]]:
+        notices: list[SessionEnd] = []
+        result = await h.engine.step(Chunk("short", X[:4], 0, start=True, end=True), notices.append)
+        assert result.ended and result.steps == 4
+        before = list(notices)  # the response is handed back first
+        await asyncio.sleep(0)
+        return before, notices
+
+    before, after = _run(scenario)
+    assert before == [] and [(n.session_id, n.reason, n.steps) for n in after] == [
+        ("short", EndReason.END, 4)
+    ]
+
+
+def test_metrics_count_sessions_and_timesteps_not_replays() -> None:
+    async def scenario(h: Harness) -> Harness:
+        await h.engine.step(Chunk("counted", X[:4], 0, start=True))
+        await h.engine.step(Chunk("counted", X[:4], 0, start=True))  # a retry: replayed
+        await h.engine.step(Chunk("counted", X[4:6], 4))
+        with pytest.raises(OffsetMismatchError):
+            await h.engine.step(Chunk("counted", X[4:6], 5))
+        assert await h.engine.end_session("counted") == 6
+        return h
+
+    h = _run(scenario)
+    assert h.sample("conveyor_sessions_started_total") == 1
+    assert h.sample("conveyor_timesteps_total") == 6
+    assert h.sample("conveyor_sessions_ended_total", reason="end") == 1
+    assert h.sample("conveyor_session_timesteps_sum") == 6
+
+
+class GatedRunner(FakeRunner):
+    """Each run waits for `gate`; `entered` tells the test a run has begun."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.entered.set()
+        assert self.gate.wait(10)
+        return super().run(x, h, c)
+
+
+def test_close_lets_in_flight_chunks_finish_then_ends_every_session() -> None:
+    runner = GatedRunner()
+
+    async def scenario(h: Harness) -> list[SessionEnd]:
+        ended: list[SessionEnd] = []
+        h.store.add_listener(ended.append)
+        in_flight = asyncio.create_task(h.engine.step(Chunk("busy", X[:4], 0, start=True)))
+        await asyncio.to_thread(runner.entered.wait, 10)
+        closing = asyncio.create_task(h.engine.close(grace_s=10))
+        await asyncio.sleep(0)
+        with pytest.raises(ShuttingDownError):
+            await h.engine.step(Chunk("late", X[:4], 0, start=True))
+        runner.gate.set()
+        assert (await in_flight).steps == 4
+        await closing
+        return ended
+
+    ended = _run(scenario, runner)
+    assert [(e.session_id, e.reason) for e in ended] == [("busy", EndReason.SHUTDOWN)]
+
+
+def test_a_chunk_still_running_after_the_grace_period_is_not_committed() -> None:
+    runner = GatedRunner()
+
+    async def scenario(h: Harness) -> None:
+        in_flight = asyncio.create_task(h.engine.step(Chunk("slow", X[:4], 0, start=True)))
+        await asyncio.to_thread(runner.entered.wait, 10)
+        await h.engine.close(grace_s=0.01)
+        runner.gate.set()
+        with pytest.raises(ShuttingDownError):
+            await in_flight
+        assert len(h.store) == 0
+
+    _run(scenario, runner)
+
+
+def test_the_sweeper_ends_expired_sessions_unprompted() -> None:
+    clock = FakeClock()
+
+    async def scenario(h: Harness) -> list[SessionEnd]:
+        notices: list[SessionEnd] = []
+        await h.engine.step(Chunk("forgotten", X[:2], 0, start=True), notices.append)
+        h.engine.start_sweeper(0.005)
+        clock.advance(61)
+        while not notices:
+            await asyncio.sleep(0.005)
+        await h.engine.close(grace_s=0)
+        return notices
+
+    notices = _run(scenario, clock=clock)
+    assert [(n.session_id, n.reason) for n in notices] == [("forgotten", EndReason.TTL)]

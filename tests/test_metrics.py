@@ -1,0 +1,88 @@
+"""The metrics module on a fresh registry each test, and the per-RPC interceptor on a real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from serving_harness import RawStream, chunk, connect, make_inputs, rejected, running, scrape
+
+from serving._proto.conveyor.v1 import conveyor_pb2 as pb
+from serving.metrics import LATENCY_BUCKETS_S, ConveyorMetrics
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_histograms_resolve_sub_millisecond_times() -> None:
+    assert LATENCY_BUCKETS_S[0] == 50e-6 and LATENCY_BUCKETS_S[-1] == 10.0
+    assert sum(bound < 1e-3 for bound in LATENCY_BUCKETS_S) == 4
+
+
+def test_every_report_lands_in_its_metric() -> None:
+    registry = CollectorRegistry()
+    metrics = ConveyorMetrics(registry)
+    metrics.set_model("language", "f00d")
+    metrics.track_sessions(lambda: 3, lambda: 768, 100)
+    metrics.observe_queue_wait(0.0002)
+    metrics.observe_batch(8, 0.0004)
+    metrics.session_started()
+    metrics.session_ended("ttl", 120.0, 42)
+    metrics.chunk_applied(5)
+    metrics.chunk_answered(0.0003)
+    metrics.chunk_answered(0.0001, "ABORTED")
+    metrics.chunk_answered(0.0001, "ABORTED")
+    metrics.rpc_handled("conveyor.v1.Conveyor", "Step", "OK", 0.001)
+
+    def value(metric: str, **labels: str) -> float | None:
+        return registry.get_sample_value(metric, labels)
+
+    assert value("conveyor_model_info", name="language", fingerprint="f00d") == 1
+    assert value("conveyor_sessions_active") == 3 and value("conveyor_state_bytes") == 768
+    assert value("conveyor_sessions_max") == 100
+    assert value("conveyor_queue_wait_seconds_bucket", le="0.00025") == 1
+    assert (
+        value("conveyor_batch_size_bucket", le="8.0") == 1
+        and value("conveyor_batch_size_bucket", le="4.0") == 0
+    )
+    assert value("conveyor_inference_seconds_sum") == pytest.approx(0.0004)
+    assert value("conveyor_sessions_started_total") == 1
+    assert value("conveyor_sessions_ended_total", reason="ttl") == 1
+    assert value("conveyor_sessions_ended_total", reason="capacity") == 0  # every reason is exported from 0
+    assert (
+        value("conveyor_session_duration_seconds_sum") == 120
+        and value("conveyor_session_timesteps_sum") == 42
+    )
+    assert value("conveyor_timesteps_total") == 5 and value("conveyor_chunk_timesteps_count") == 1
+    assert value("conveyor_chunk_latency_seconds_count") == 3
+    assert value("conveyor_chunk_errors_total", code="ABORTED") == 2
+    labels = {"grpc_service": "conveyor.v1.Conveyor", "grpc_method": "Step"}
+    assert value("grpc_server_handled_total", grpc_code="OK", **labels) == 1
+    assert value("grpc_server_handling_seconds_count", **labels) == 1
+
+
+def test_the_interceptor_records_each_rpc_with_its_status_code(token_artifact: Path) -> None:
+    x = make_inputs(token_artifact, 4, np.random.default_rng(0))
+    with running(token_artifact) as server:
+        with connect(server) as stub:
+            stub.Step(chunk("rpc", x, 0, start=True), timeout=10)
+            rejected(stub.Step, chunk("rpc", x, 0, start=True, end=True))  # ALREADY_EXISTS
+            rejected(stub.Snapshot, pb.SnapshotRequest(session_id="nobody"))  # NOT_FOUND
+            stream = RawStream(stub)
+            assert stream.call(chunk("nobody", x, 0)).error.code == 5  # in band: the stream itself is OK
+            stream.close()
+        _, samples = scrape(server)
+
+    def handled(method: str, code: str) -> float:
+        labels = f'grpc_code="{code}",grpc_method="{method}",grpc_service="conveyor.v1.Conveyor"'
+        return samples.get(f"grpc_server_handled_total{{{labels}}}", 0.0)
+
+    assert (handled("Step", "OK"), handled("Step", "ALREADY_EXISTS")) == (1, 1)
+    assert (handled("Snapshot", "NOT_FOUND"), handled("Stream", "OK")) == (1, 1)
+    stream_count = (
+        'grpc_server_handling_seconds_count{grpc_method="Stream",grpc_service="conveyor.v1.Conveyor"}'
+    )
+    assert samples[stream_count] == 1
+    assert samples['conveyor_chunk_errors_total{code="ALREADY_EXISTS"}'] == 1
+    assert samples['conveyor_chunk_errors_total{code="NOT_FOUND"}'] == 1
