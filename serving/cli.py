@@ -1,0 +1,123 @@
+"""`conveyor`: the command line. Thin: it parses flags and calls one function per subcommand.
+
+Each subcommand imports its stage only when it runs, so `conveyor serve` and `conveyor stream` work in
+the serving image, which has no torch. A stage's own errors carry readable messages; they are printed as
+one line and the command exits non-zero, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeAlias
+
+from serving import commands
+
+Handler = Callable[[argparse.Namespace], None]
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        handler(args)
+    except commands.CommandError as exc:
+        print(f"conveyor {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"conveyor {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conveyor",
+        description="Conveyor: train an LSTM, export it to ONNX with explicit (h, c), serve it statefully.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_export(sub)
+    _add_experiment(sub)
+    _add_serve(sub)
+    _add_stream(sub)
+    _add_demo(sub)
+    return parser
+
+
+def _command(sub: Subparsers, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _add_train(sub: Subparsers) -> None:
+    p = _command(
+        sub, "train", "Train a model on a generated task and write its artifact directory.", commands.train
+    )
+    p.add_argument("--task", required=True, help="language or sensor")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory, e.g. artifacts/language")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_export(sub: Subparsers) -> None:
+    p = _command(
+        sub, "export", "Export a trained artifact to ONNX with explicit (h, c), verified.", commands.export
+    )
+    p.add_argument("artifact", type=Path, help="artifact directory holding checkpoint.pt")
+
+
+def _add_experiment(sub: Subparsers) -> None:
+    p = _command(sub, "experiment", "Run an experiment (gap-sweep: LSTM vs GRU vs RNN).", commands.experiment)
+    p.add_argument("name", choices=["gap-sweep"])
+    p.add_argument("--out", type=Path, required=True, help="report directory")
+    p.add_argument("--quick", action="store_true", help="a reduced grid that runs in minutes")
+
+
+def _add_serve(sub: Subparsers) -> None:
+    p = _command(
+        sub, "serve", "Serve an exported model over gRPC (flags override CONVEYOR_* env).", commands.serve
+    )
+    p.add_argument("--model", type=Path, help="artifact directory with model.onnx and model.json")
+    p.add_argument("--host", help="address to bind, e.g. 0.0.0.0")
+    p.add_argument("--port", type=int, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port")
+    p.add_argument("--max-batch-size", type=int, help="largest batch across sessions (1: no batching)")
+    p.add_argument(
+        "--max-delay-ms", type=float, help="longest wait to fill a batch (0: batch what is waiting)"
+    )
+    p.add_argument("--max-sessions", type=int, help="session capacity")
+    p.add_argument("--idle-ttl-s", type=float, help="idle time after which a session expires")
+
+
+def _add_stream(sub: Subparsers) -> None:
+    p = _command(sub, "stream", "Stream a sequence to a Conveyor server, chunk by chunk.", commands.stream)
+    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    p.add_argument(
+        "input",
+        nargs="?",
+        default="-",
+        help="text (token models), .csv or .npy (feature models); - for stdin",
+    )
+    p.add_argument("--chunk-steps", type=int, default=8, help="timesteps per chunk")
+    p.add_argument("--session", help="session id (default: issued by the server)")
+    p.add_argument(
+        "--offset", type=int, help="go on with a live session (one left open by --keep) at this offset"
+    )
+    p.add_argument("--top", type=int, default=3, help="predictions shown per chunk (token models)")
+    p.add_argument("--output", type=Path, help="write every timestep's outputs to this .npy file")
+    p.add_argument("--keep", action="store_true", help="leave the session open at the end")
+
+
+def _add_demo(sub: Subparsers) -> None:
+    p = _command(sub, "demo", "The France -> French story through a real server.", commands.demo)
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where models live")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The Conveyor Python client: sessions that hide offsets and retries, over the conveyor.v1 gRPC API.
+
+This module is the synchronous client, which sends each chunk as one unary Step call, and the home of the
+names users need (errors, options, model info). The asyncio client, which multiplexes many sessions over one
+bidirectional Stream, is `serving.aio_client.AsyncConveyorClient`.
+
+    with ConveyorClient("localhost:50051") as client:
+        client.wait_for_ready(timeout_s=10)
+        with client.session() as session:
+            logits = session.send(np.array([3, 14, 15]))  # (3, outputs) float32
+
+Retries: a chunk that fails with UNAVAILABLE or DEADLINE_EXCEEDED is resent with the same offset. The server
+applies a chunk once per offset and answers a repeat of the last chunk from its cache, so a retry after a lost
+response is exactly-once. One case cannot be made exactly-once: a first chunk asking for a server-issued id,
+whose response is lost, opens a second session; the first one then expires with the server's idle TTL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Self, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving._proto.conveyor.v1 import conveyor_pb2 as pb
+from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
+from serving.client_core import (
+    DEFAULT_OPTIONS,
+    HEALTH_POLL_S,
+    ClientOptions,
+    ConveyorError,
+    ModelInfo,
+    Outputs,
+    RetryPolicy,
+    SessionCursor,
+    Snapshot,
+    not_found_is_ended,
+    retry_delay,
+)
+
+__all__ = [
+    "ClientOptions",
+    "ConveyorClient",
+    "ConveyorError",
+    "ModelInfo",
+    "Outputs",
+    "RetryPolicy",
+    "Session",
+    "Snapshot",
+]
+
+T = TypeVar("T")
+
+
+class ConveyorClient:
+    """A synchronous client for one Conveyor server (one channel); sessions send each chunk as a Step call."""
+
+    def __init__(self, target: str, options: ClientOptions = DEFAULT_OPTIONS) -> None:
+        self.target = target
+        self.options = options
+        self._channel = grpc.insecure_channel(target, options=options.channel_options())
+        self._stub = pb_grpc.ConveyorStub(self._channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; sessions stay alive on the server until ended or expired."""
+        self._channel.close()
+
+    def wait_for_ready(self, timeout_s: float = 10.0) -> None:
+        """Block until the server's health service says SERVING; ConveyorError(UNAVAILABLE) on timeout."""
+        health = health_pb2_grpc.HealthStub(self._channel)
+        request = health_pb2.HealthCheckRequest(service=self.options.health_service)
+        deadline = time.monotonic() + timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                reply = health.Check(request, timeout=remaining, wait_for_ready=True)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as exc:
+                if not (error := ConveyorError.from_exception(exc)).retryable:
+                    raise error from None
+            time.sleep(min(HEALTH_POLL_S, max(0.0, deadline - time.monotonic())))
+        raise ConveyorError(
+            grpc.StatusCode.UNAVAILABLE, f"server at {self.target} not ready after {timeout_s}s"
+        )
+
+    def model_info(self) -> ModelInfo:
+        """Describe the served model."""
+        return ModelInfo.from_proto(self._call(self._stub.GetModelInfo, pb.ModelInfoRequest()))
+
+    def session(
+        self, session_id: str | None = None, *, outputs: Outputs = Outputs.ALL, reset: bool = False
+    ) -> Session:
+        """A new session, started by its first send (server-issued id when session_id is None)."""
+        return Session(self, SessionCursor(session_id, outputs, reset=reset))
+
+    def attach(self, session_id: str, offset: int, *, outputs: Outputs = Outputs.ALL) -> Session:
+        """A live session started elsewhere (another call, connection or process), going on at `offset`."""
+        return Session(self, SessionCursor(session_id, outputs, offset=offset, started=True))
+
+    def restore(
+        self, snapshot: Snapshot, session_id: str | None = None, *, outputs: Outputs = Outputs.ALL
+    ) -> Session:
+        """A session that resumes from `snapshot` with its first send (on this or any same-model server)."""
+        return Session(
+            self, SessionCursor(session_id, outputs, offset=snapshot.steps, snapshot=snapshot.blob)
+        )
+
+    def step(self, request: pb.ChunkRequest) -> pb.ChunkResponse:
+        """Send one raw chunk request as a unary Step call, retrying retryable failures."""
+        response: pb.ChunkResponse = self._call(self._stub.Step, request)
+        return response
+
+    def end_session(self, session_id: str) -> int:
+        """End a session and free its state; returns the timesteps it had consumed."""
+        reply: pb.EndSessionResponse = self._call(
+            self._stub.EndSession, pb.EndSessionRequest(session_id=session_id)
+        )
+        return reply.steps
+
+    def snapshot(self, session_id: str) -> Snapshot:
+        """Export a live session's state."""
+        reply = self._call(self._stub.Snapshot, pb.SnapshotRequest(session_id=session_id))
+        return Snapshot(reply.snapshot, reply.steps)
+
+    def _call(self, method: Callable[..., T], request: Any) -> T:
+        backoffs = self.options.retry.backoffs()
+        while True:
+            try:
+                return method(request, timeout=self.options.timeout_s)
+            except grpc.RpcError as exc:
+                delay = retry_delay(exc, backoffs)
+            time.sleep(delay)
+
+
+class Session:
+    """One sequence streamed in chunks over a ConveyorClient; tracks the offset, ends on leaving `with`."""
+
+    def __init__(self, client: ConveyorClient, cursor: SessionCursor) -> None:
+        self._client = client
+        self.cursor = cursor
+
+    @property
+    def session_id(self) -> str | None:
+        """The session id (None until the server has issued one)."""
+        return self.cursor.session_id
+
+    @property
+    def offset(self) -> int:
+        """Timesteps the session has consumed: the next chunk's offset."""
+        return self.cursor.offset
+
+    def send(self, chunk: np.ndarray | list[Any], *, end: bool = False) -> np.ndarray:
+        """Apply the next chunk; returns its outputs, (time, outputs) or (1, outputs) float32, read-only.
+
+        `chunk` is (time,) token ids or (time, features) floats. `end=True` frees the session with this chunk.
+        """
+        return self.cursor.accept(self._client.step(self.cursor.request(chunk, end)))
+
+    def snapshot(self) -> Snapshot:
+        """Export the session's state, to restore later with ConveyorClient.restore."""
+        return self._client.snapshot(self.cursor.require_started())
+
+    def end(self) -> None:
+        """Free the session's state on the server (no-op when it never started or already ended)."""
+        if self.cursor.started and not self.cursor.ended and self.cursor.session_id:
+            self.cursor.ended = True
+            try:
+                self._client.end_session(self.cursor.session_id)
+            except ConveyorError as exc:
+                not_found_is_ended(exc)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()

@@ -1,0 +1,237 @@
+"""What the sync and asyncio Conveyor clients share: errors, options, model info and session bookkeeping.
+
+Users import these names from `serving.client` (sync) or `serving.aio_client` (asyncio); this module exists so
+that neither client depends on the other.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import grpc
+import numpy as np
+
+from serving._proto.conveyor.v1 import conveyor_pb2 as pb
+from serving.tensors import TensorDecodeError, decode, encode
+
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+HEALTH_POLL_S = 0.05  # how often wait_for_ready asks again while the server is not SERVING
+
+
+class ConveyorError(Exception):
+    """A call or a chunk failed: `code` is the grpc.StatusCode, `message` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        """True when resending the same chunk with the same offset may succeed."""
+        return self.code in _RETRYABLE
+
+    @classmethod
+    def from_exception(cls, error: grpc.RpcError | ConveyorError) -> ConveyorError:
+        """The ConveyorError for a failed gRPC call (its status) or an already translated error."""
+        if isinstance(error, ConveyorError):
+            return error
+        return cls(error.code(), error.details() or "")
+
+    @classmethod
+    def from_chunk_error(cls, error: pb.ChunkError) -> ConveyorError:
+        """The ConveyorError for an in-band error on the Stream."""
+        return cls(_CODES_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN), error.message)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often, and after how long, a retryable failure is retried (same request, same offset)."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+
+    def backoffs(self) -> Iterator[float]:
+        """Seconds to wait before each retry: exponential, jittered so that clients do not retry in step."""
+        for retry in range(self.max_attempts - 1):
+            ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**retry)
+            yield random.uniform(ceiling / 2, ceiling)
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """Channel and call settings shared by the sync and asyncio clients."""
+
+    timeout_s: float = 30.0  # deadline of each unary call, and of each chunk's answer on the Stream
+    retry: RetryPolicy = RetryPolicy()
+    max_message_bytes: int = 64 * 1024 * 1024  # gRPC's 4 MiB default is too small for long feature chunks
+    health_service: str = ""  # "" asks about the whole server
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        """The grpc channel arguments these options imply."""
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.primary_user_agent", "conveyor-client"),
+        ]
+
+
+DEFAULT_OPTIONS = ClientOptions()
+
+
+class Outputs(enum.IntEnum):
+    """Which timesteps' outputs a chunk's answer carries: every one, or only the chunk's last."""
+
+    ALL = pb.OUTPUT_MODE_ALL
+    LAST = pb.OUTPUT_MODE_LAST
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model, as GetModelInfo describes it (field meanings: conveyor.v1.ModelInfo)."""
+
+    name: str
+    task: str
+    input_kind: str  # "tokens" | "features"
+    input_size: int
+    output_size: int
+    output_meaning: str
+    output_labels: tuple[str, ...]
+    vocabulary: tuple[str, ...]
+    fingerprint: str
+    layers: int
+    hidden: int
+    max_chunk_steps: int
+    idle_ttl_s: float
+
+    @classmethod
+    def from_proto(cls, message: pb.ModelInfo) -> ModelInfo:
+        """Copy a ModelInfo message into this immutable form (repeated fields become tuples)."""
+        values = {field.name: getattr(message, field.name) for field in fields(cls)}
+        for name in ("output_labels", "vocabulary"):
+            values[name] = tuple(values[name])
+        return cls(**values)
+
+    @property
+    def takes_tokens(self) -> bool:
+        """True for token models (int64 ids in), False for feature models (float32 vectors in)."""
+        return self.input_kind == "tokens"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A session's exported state: an opaque blob and the timesteps consumed when it was taken."""
+
+    blob: bytes
+    steps: int
+
+
+def encode_chunk(chunk: np.ndarray | list[Any]) -> pb.Tensor:
+    """A chunk as a wire Tensor: integer arrays go as int64 token ids, float arrays as float32 features."""
+    array = np.asarray(chunk)
+    if array.dtype.kind in "iu":
+        return encode(array.astype(np.int64, copy=False))
+    if array.dtype.kind == "f":
+        return encode(array.astype(np.float32, copy=False))
+    raise ConveyorError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"chunk dtype {array.dtype} is neither integer ids nor float features",
+    )
+
+
+class SessionCursor:
+    """One session's bookkeeping, shared by the sync and asyncio sessions: its id, offset and lifecycle.
+
+    The first request starts the session (from zeros, or from a snapshot); each accepted response moves the
+    offset to the server's step count, so a retried request keeps the offset it was built with.
+    """
+
+    # __weakref__: the asyncio client routes end notices to live cursors through a WeakValueDictionary.
+    __slots__ = (
+        "__weakref__",
+        "end_reason",
+        "ended",
+        "offset",
+        "outputs",
+        "reset",
+        "session_id",
+        "snapshot",
+        "started",
+    )
+
+    def __init__(
+        self,
+        session_id: str | None,
+        outputs: Outputs,
+        *,
+        offset: int = 0,
+        started: bool = False,
+        reset: bool = False,
+        snapshot: bytes = b"",
+    ) -> None:
+        self.session_id = session_id
+        self.outputs = outputs
+        self.offset = offset
+        self.started = started
+        self.reset = reset
+        self.snapshot = snapshot
+        self.ended = False
+        self.end_reason: str | None = None  # set from the Stream's SessionEnded notices (asyncio client)
+
+    def request(self, chunk: np.ndarray | list[Any], end: bool) -> pb.ChunkRequest:
+        """The request that sends `chunk` next (request_id left for the transport to fill in)."""
+        if self.ended:
+            raise ConveyorError(grpc.StatusCode.FAILED_PRECONDITION, f"session {self.session_id} has ended")
+        return pb.ChunkRequest(
+            session_id=self.session_id or "",
+            inputs=encode_chunk(chunk),
+            offset=self.offset,
+            start=not self.started,
+            end=end,
+            reset=self.reset,
+            snapshot=self.snapshot,
+            outputs=pb.OutputMode.ValueType(self.outputs),
+        )
+
+    def accept(self, response: pb.ChunkResponse) -> np.ndarray:
+        """Advance past an answered chunk and return its outputs (a read-only float32 view, no copy)."""
+        self.session_id = response.session_id
+        self.offset = response.steps
+        self.started = True
+        self.reset = False
+        self.snapshot = b""
+        self.ended = response.ended
+        try:
+            return decode(response.outputs)
+        except TensorDecodeError as exc:
+            raise ConveyorError(
+                grpc.StatusCode.INTERNAL, f"malformed outputs from the server: {exc}"
+            ) from None
+
+    def require_started(self) -> str:
+        """The session id, or FAILED_PRECONDITION when the session has not sent its first chunk yet."""
+        if not self.started or self.session_id is None:
+            raise ConveyorError(grpc.StatusCode.FAILED_PRECONDITION, "the session has not started yet")
+        return self.session_id
+
+
+def retry_delay(error: grpc.RpcError | ConveyorError, backoffs: Iterator[float]) -> float:
+    """Seconds to wait before retrying after `error`; raises it as a ConveyorError when it is final."""
+    failure = ConveyorError.from_exception(error)
+    delay = next(backoffs, None) if failure.retryable else None
+    if delay is None:
+        raise failure from None
+    return delay
+
+
+def not_found_is_ended(error: ConveyorError) -> None:
+    """Ending a session that already expired or ended has done its job; any other failure is raised."""
+    if error.code != grpc.StatusCode.NOT_FOUND:
+        raise error

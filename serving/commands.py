@@ -1,0 +1,107 @@
+"""One function per `conveyor` subcommand: flags in, one stage call, its errors turned into `CommandError`.
+
+Stages are imported inside the functions: `training` and `export` need torch, which the serving image lacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+class CommandError(Exception):
+    """A subcommand failed for a reason the user can act on; the message is printed as is."""
+
+
+@contextmanager
+def _user_errors(*kinds: type[Exception]) -> Iterator[None]:
+    """Turn a stage's own, readable exceptions into `CommandError`; anything else is a bug: traceback."""
+    try:
+        yield
+    except kinds as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def train(args: argparse.Namespace) -> None:
+    from training.checkpoint import CheckpointError
+    from training.tasks import UnknownTaskError
+    from training.train import TrainOptions
+    from training.train import train as run_training
+
+    with _user_errors(UnknownTaskError, CheckpointError, OSError):
+        result = run_training(args.task, args.out, TrainOptions(seed=args.seed))
+    print(
+        f"trained {args.task} in {result.wall_time_s:.1f} s ({result.steps} steps): "
+        f"{result.headline_metric} = {result.headline_value:.4f}; artifact {result.out_dir}"
+    )
+
+
+def export(args: argparse.Namespace) -> None:
+    from export import ExportError, export_artifact
+
+    with _user_errors(ExportError):
+        card = export_artifact(args.artifact)
+    summary = card.to_dict()
+    parity = summary["parity"]
+    print(
+        f"exported {args.artifact}/model.onnx (sha256 {summary['onnx_sha256'][:12]}): "
+        f"ONNX Runtime vs PyTorch {parity['ort_vs_torch_max_abs']:.1e}, "
+        f"chunked vs whole {parity['chunked_vs_whole_max_abs']:.1e}"
+    )
+
+
+def experiment(args: argparse.Namespace) -> None:
+    from training.experiment import SweepOptions, run_gap_sweep
+
+    with _user_errors(OSError):
+        run_gap_sweep(args.out, SweepOptions(quick=args.quick))
+
+
+def serve(args: argparse.Namespace) -> None:
+    from serving.config import ConfigError, ServerConfig
+    from serving.errors import ModelLoadError
+    from serving.server import serve as run_server
+
+    flags: dict[str, Any] = {
+        "model_dir": args.model,
+        "host": args.host,
+        "port": args.port,
+        "metrics_port": args.metrics_port,
+        "max_batch_size": args.max_batch_size,
+        "max_delay_ms": args.max_delay_ms,
+        "max_sessions": args.max_sessions,
+        "idle_ttl_s": args.idle_ttl_s,
+    }
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with _user_errors(ConfigError, ModelLoadError, OSError):
+        config = ServerConfig.from_env(os.environ, **{k: v for k, v in flags.items() if v is not None})
+        run_server(config)
+
+
+def stream(args: argparse.Namespace) -> None:
+    from serving.streaming import StreamError, StreamOptions
+    from serving.streaming import stream as run_stream
+
+    options = StreamOptions(
+        target=args.target,
+        input=args.input,
+        chunk_steps=args.chunk_steps,
+        session_id=args.session,
+        offset=args.offset,
+        top_k=args.top,
+        output=args.output,
+        keep=args.keep,
+    )
+    with _user_errors(StreamError):
+        run_stream(options)
+
+
+def demo(args: argparse.Namespace) -> None:
+    from serving.demo import DemoError, DemoOptions, run_demo
+
+    with _user_errors(DemoError):
+        run_demo(DemoOptions(artifacts=args.artifacts))

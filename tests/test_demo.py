@@ -1,0 +1,44 @@
+"""The demo's story through a real in-process server, and its latency arithmetic."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pytest
+
+from serving.demo import CALLS, DemoOptions, quantile, run_demo
+
+
+def test_quantile_interpolates_within_buckets() -> None:
+    buckets = [(0.001, 50.0), (0.002, 90.0), (0.004, 100.0), (math.inf, 100.0)]
+    assert quantile(buckets, 0.5) == pytest.approx(0.001)
+    assert quantile(buckets, 0.7) == pytest.approx(0.0015)
+    assert quantile(buckets, 0.99) == pytest.approx(0.0038)
+    # Past the last finite bound: that bound, as Prometheus answers.
+    assert quantile([(0.001, 0.0), (math.inf, 4.0)], 0.5) == pytest.approx(0.001)
+    assert math.isnan(quantile([(math.inf, 0.0)], 0.5))
+
+
+@pytest.mark.timeout(60)
+def test_story_with_an_untrained_model(token_artifact: Path) -> None:
+    out = io.StringIO()
+    result = run_demo(DemoOptions(artifacts=token_artifact.parent, model=token_artifact.name), out)
+    text = out.getvalue()
+    assert result.session_id and result.connections == CALLS
+    assert 0 < result.remembered.probability <= 1 and 0 <= result.fresh.probability_of_answer <= 1
+    assert result.latency.chunks == CALLS + 1  # the fresh session's one chunk too
+    assert result.latency.p50_s <= result.latency.p99_s and result.latency.mean_inference_s > 0
+    assert [f"call {n}" in text for n in range(1, CALLS + 2)] == [True] * (CALLS + 1)
+    assert f"session {result.session_id}, issued by the server" in text
+    assert text.rstrip().endswith("server stopped")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_trains_exports_and_tells_the_story(tmp_path: Path) -> None:
+    out = io.StringIO()
+    result = run_demo(DemoOptions(artifacts=tmp_path, train_max_steps=20), out)
+    assert (tmp_path / "language" / "model.onnx").is_file()
+    assert "training and exporting" in out.getvalue() and result.remembered.word
