@@ -1,7 +1,7 @@
 """Generate the Python code for protos/ into serving/_proto/, or check that the committed code is current.
 
-protoc writes absolute imports rooted at the proto path (``from conveyor.v1 import ...``); the generated package
-lives inside ``serving``, so those imports are rewritten to ``serving._proto.conveyor.v1``. The generated files
+protoc writes absolute imports rooted at the proto path (``from conveyor.v1 import ...``); the generated
+package lives inside ``serving``, so those imports are rewritten to ``serving._proto.conveyor.v1``. The files
 are committed so that the serving image needs no grpcio-tools; ``--check`` (run by ``make test``) fails when
 regenerating would change them.
 """
