@@ -56,7 +56,8 @@ class Engine:
         self._batcher = batcher
         self._metrics = metrics
         self._locks = _KeyedLocks()
-        self._watchers: dict[str, set[Watcher]] = {}
+        # Most sessions are watched by one stream: that watcher is the value itself, a set only for several.
+        self._watchers: dict[str, Watcher | set[Watcher]] = {}
         self._inflight = 0
         self._drained = asyncio.Event()
         self._closing = False
@@ -93,10 +94,12 @@ class Engine:
         """Stop telling `watcher` about these sessions (its stream has closed)."""
         for session_id in session_ids:
             watchers = self._watchers.get(session_id)
-            if watchers is not None:
+            if isinstance(watchers, set):
                 watchers.discard(watcher)
                 if not watchers:
                     del self._watchers[session_id]
+            elif watchers == watcher:
+                del self._watchers[session_id]
 
     async def close(self, grace_s: float) -> None:
         """Refuse new work, give in-flight chunks `grace_s` to finish, then end every session (shutdown)."""
@@ -169,16 +172,22 @@ class Engine:
             return operation()
 
     def _watch(self, job: _Job) -> None:
-        if job.watcher is not None:
-            self._watchers.setdefault(job.session_id, set()).add(job.watcher)
+        watcher = job.watcher
+        if watcher is None:
+            return
+        watchers = self._watchers.setdefault(job.session_id, watcher)
+        if isinstance(watchers, set):
+            watchers.add(watcher)
+        elif watchers != watcher:
+            self._watchers[job.session_id] = {watchers, watcher}
 
     def _on_end(self, ended: SessionEnd) -> None:
         self._metrics.session_ended(ended.reason.value, ended.duration_s, ended.steps)
-        watchers = self._watchers.pop(ended.session_id, ())
-        if watchers:
+        watchers = self._watchers.pop(ended.session_id, None)
+        if watchers is not None:
             # Told soon, not now: a chunk that ended its session is answered before the notice goes out.
             loop = asyncio.get_running_loop()
-            for watcher in watchers:
+            for watcher in watchers if isinstance(watchers, set) else (watchers,):
                 loop.call_soon(watcher, ended)
 
     def _check_open(self) -> None:

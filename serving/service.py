@@ -132,7 +132,7 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         finally:
             reader.cancel()
             self._outboxes.discard(outbox)
-            self._engine.unwatch(outbox.touched, outbox.notify)
+            self._engine.unwatch(outbox.touched, outbox.watcher)
 
     async def Step(self, request: pb.ChunkRequest, context: grpc.aio.ServicerContext) -> pb.ChunkResponse:  # noqa: N802
         """One chunk; errors are the call's status."""
@@ -204,7 +204,7 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
 
     async def _answer_in_band(self, request: pb.ChunkRequest, received: float, outbox: _Outbox) -> None:
         response = pb.StreamResponse()
-        error = await self._answer(request, received, response.chunk, outbox.notify)
+        error = await self._answer(request, received, response.chunk, outbox.watcher)
         if error is not None:
             outbox.answer(pb.StreamResponse(error=error))
         else:
@@ -254,6 +254,8 @@ class _Outbox:
         self._queue: asyncio.Queue[tuple[pb.StreamResponse, bool] | None] = asyncio.Queue()
         self._window = asyncio.Semaphore(window)
         self.touched: set[str] = set()  # sessions this stream used: the engine tells it when they end
+        # One callable for all of them: each `self.notify` would be a new bound method, kept per session.
+        self.watcher: Watcher = self.notify
 
     async def reserve(self) -> None:
         """Wait for room in the window: a client that does not read its responses is not read either."""

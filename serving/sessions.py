@@ -57,10 +57,8 @@ class Replay(NamedTuple):
 
 
 class Session(NamedTuple):
-    """One live session; immutable, the store swaps in a new one on each change. Lean: one per session.
-
-    A named tuple, as `Replay`: a new one is built for every chunk, at a third of a frozen dataclass's cost.
-    """
+    """One live session; immutable, the store swaps in a new one on each change (a named tuple, as `Replay`:
+    built for every chunk, at a third of a frozen dataclass's cost). Lean: one per session."""
 
     slab: StateSlab  # where its state lives
     slot: int
@@ -160,7 +158,8 @@ class InMemorySessionStore:
         self._sessions: dict[str, Session] = {}
         self._slab = StateSlab(self._shape)
         self._listeners: list[Listener] = []
-        self._zeros = _frozen(np.zeros(self._shape, np.float32))  # shared by every fresh start
+        self._zeros = np.zeros(self._shape, np.float32)  # shared by every fresh start
+        self._zeros.flags.writeable = False
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener` with every session that ends, whatever the reason."""
@@ -303,8 +302,3 @@ class InMemorySessionStore:
         if not np.isfinite(state).all():
             raise InvalidSnapshotError("the snapshot's state is not finite")
         return state.astype(np.float32), steps
-
-
-def _frozen(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False
-    return array

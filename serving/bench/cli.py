@@ -1,0 +1,110 @@
+"""The `conveyor bench` flags (`add_arguments`) and their handler (`run`); light to import (stages load in
+`run`), so the CLI can build its parser cheaply."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from serving.bench.grid import MODES, BenchError, BenchOptions, quick
+
+DEFAULT_MODEL = Path("artifacts/language")
+QUICK_MEMORY_SESSIONS = 10_000
+
+
+# Flags that, when given, replace the field of the same name (after --quick has picked its grid).
+_FIELDS = (
+    "modes",
+    "sessions",
+    "chunk_steps",
+    "histories",
+    "channels",
+    "seconds",
+    "warmup_s",
+    "max_batch_size",
+    "repeats",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the bench's flags to `parser` (the `conveyor bench` subcommand's, or a standalone one)."""
+    full, fast = BenchOptions(model_dir=DEFAULT_MODEL), quick(BenchOptions(model_dir=DEFAULT_MODEL))
+    add = parser.add_argument
+    add("--model", type=Path, default=DEFAULT_MODEL, help="artifact directory to serve (default %(default)s)")
+    add("--target", help="HOST:PORT of a running server to drive instead (modes batched and stateless only)")
+    add("--quick", action="store_true", help=f"sessions {_show(fast.sessions)}, short cells: under 2 minutes")
+    add("--modes", type=_words, help=f"comma list (default all: {_show(MODES)})")
+    add("--sessions", type=_counts, help=f"comma list (default {_show(full.sessions)})")
+    add("--chunk-steps", type=_counts, help=f"comma list (default {_show(full.chunk_steps)})")
+    add("--histories", type=_counts, help=f"history lengths (default {_show(full.histories)})")
+    add("--channels", type=int, help=f"gRPC connections of the load process (default {full.channels})")
+    add("--seconds", type=float, help=f"measured per cell (default {full.seconds}; quick {fast.seconds})")
+    add("--warmup-s", type=float, help=f"warm-up per cell (default {full.warmup_s}; quick {fast.warmup_s})")
+    add("--max-batch-size", type=int, help=f"the batched server's (default {full.max_batch_size})")
+    add("--repeats", type=int, help="passes over the grid; each figure is the median (default 1)")
+    add("--json", type=Path, help="write the rows (or the --memory result) as JSON here")
+    add("--plot", type=Path, help="write a PNG of throughput and p99 latency against sessions here")
+    add("--memory", action="store_true", help="measure what idle sessions cost in server memory instead")
+    add("--memory-sessions", type=int, help="idle sessions to open (default 100000; quick 10000)")
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """The `BenchOptions` the flags describe."""
+    options = BenchOptions(model_dir=None if args.target else args.model, target=args.target)
+    options = quick(options) if args.quick else options
+    given = {name: getattr(args, name) for name in _FIELDS if getattr(args, name) is not None}
+    return replace(options, **given)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the bench the flags describe: the table (and the targets) on stdout, JSON and PNG where asked."""
+    if args.memory:
+        _run_memory(args)
+        return
+    from serving.bench.report import format_row, format_table, plot, write_json
+    from serving.bench.run import run_bench
+    from serving.bench.targets import check_targets, format_checks
+
+    options = options_from_args(args)
+    print(format_table([]), flush=True)  # the header; rows follow as they are measured
+    rows = run_bench(options, on_row=lambda row: print(format_row(row), flush=True))
+    if options.repeats > 1:
+        print(f"\nmedians of {options.repeats} passes:\n{format_table(rows)}")
+    print("\n" + format_checks(check_targets(rows)))
+    if args.json:
+        write_json(rows, args.json)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def _run_memory(args: argparse.Namespace) -> None:
+    import json
+
+    from serving.bench.memory import MemoryOptions, run_memory
+
+    sessions = args.memory_sessions or (QUICK_MEMORY_SESSIONS if args.quick else MemoryOptions.sessions)
+    channels = args.channels or MemoryOptions.channels
+    result = run_memory(MemoryOptions(args.model, sessions, channels))
+    print(result.summary())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+
+
+def _show(values: tuple[object, ...]) -> str:
+    return ",".join(str(value) for value in values)
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(word) for word in _words(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from exc
+
+
+__all__ = ["BenchError", "add_arguments", "options_from_args", "run"]

@@ -1,0 +1,118 @@
+"""What a bench run measures: its options, the cells of its grid, and the row each cell produces.
+
+Modes:
+    batched    the real server (cross-session batching up to `max_batch_size`)
+    unbatched  the real server with max batch size 1
+    stateless  the real server used as a stateless one: each call a fresh session (start + end) carrying the
+               whole history, as a stateless server's client must; one new step per call
+    ort_floor  ONNX Runtime in process at the same batch and chunk length: no server, no transport
+    echo       a gRPC server answering with a response of the same size and no model: the transport floor
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+MODES = ("batched", "unbatched", "stateless", "ort_floor", "echo")
+SERVER_MODES = ("batched", "stateless")  # the modes that can drive a server started by someone else
+
+
+class BenchError(Exception):
+    """The bench cannot run as asked (bad options, a child process that failed); the message says why."""
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """A bench run. Either `model_dir` (servers are started here) or `target` (a running server) is needed."""
+
+    model_dir: Path | None = None  # artifact served by the bench's own server processes
+    target: str | None = None  # HOST:PORT of a running server: only SERVER_MODES run, server CPU unknown
+    modes: tuple[str, ...] = MODES
+    sessions: tuple[int, ...] = (1, 16, 64, 256)
+    chunk_steps: tuple[int, ...] = (1, 32)
+    histories: tuple[int, ...] = (100, 1000)  # history lengths for stateless, and for batched at 1 session
+    stateless_sessions: tuple[int, ...] = (1, 16)
+    channels: int = 16  # gRPC channels (connections) of the load process; a cell uses at most one per session
+    warmup_s: float = 1.0  # per cell, before measuring
+    seconds: float = 4.0  # measured per cell
+    max_batch_size: int = 64  # the batched server's
+    ort_threads: int = 1  # the server's ort_intra_op_threads, and ort_floor's
+    repeats: int = 1  # passes over the grid; each figure is the median of its passes
+
+    def __post_init__(self) -> None:
+        if (self.model_dir is None) == (self.target is None):
+            raise BenchError("give a model directory to serve, or --target HOST:PORT of a running server")
+        unknown = set(self.modes) - set(MODES)
+        if unknown:
+            raise BenchError(f"unknown modes {sorted(unknown)}: choose from {', '.join(MODES)}")
+        counts = (*self.sessions, *self.chunk_steps, *self.histories, *self.stateless_sessions)
+        if min(counts, default=1) < 1 or min(self.channels, self.max_batch_size, self.repeats) < 1:
+            raise BenchError("sessions, chunk steps, histories, channels, batch sizes, repeats must be >= 1")
+        if self.seconds <= 0 or self.warmup_s < 0:
+            raise BenchError("--seconds must be > 0 and the warm-up >= 0")
+
+
+def require_model(model_dir: Path) -> None:
+    """Raise `BenchError` unless `model_dir` holds an exported model (before any process is started)."""
+    if not (model_dir / "model.onnx").is_file() or not (model_dir / "model.json").is_file():
+        raise BenchError(
+            f"no exported model in {model_dir}: run conveyor train and export, or pass --model DIR"
+        )
+
+
+def quick(options: BenchOptions) -> BenchOptions:
+    """The `--quick` grid: the sessions the targets name, short cells; well under two minutes."""
+    return replace(options, sessions=(1, 64), stateless_sessions=(1,), warmup_s=0.5, seconds=1.5)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: a mode at a number of sessions and a chunk length, after `history_steps`."""
+
+    mode: str
+    sessions: int
+    chunk_steps: int
+    history_steps: int  # stateless: steps resent per call; stateful: steps a session holds before measuring
+    channels: int
+
+
+@dataclass(frozen=True)
+class Row:
+    """One cell's figures: the JSON row and a line of the table."""
+
+    mode: str
+    sessions: int
+    chunk_steps: int
+    history_steps: int
+    channels: int
+    timesteps_per_s: float  # new timesteps answered per second (stateless: one per call)
+    chunks_per_s: float  # messages answered per second
+    p50_ms: float  # chunk latency, send to response (ort_floor: one runner call)
+    p99_ms: float
+    cpu_s_per_1k_steps: float | None  # server process CPU (ort_floor: the process running ORT)
+    load_cpu_s_per_1k_steps: float | None  # the load process's CPU, for context: it shares the cores
+    mean_batch: float | None  # rows per runner call (server modes, from its /metrics; ort_floor: its batch)
+    chunks: int  # chunks answered in the measured window
+    seconds: float  # the measured window
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as a JSON object."""
+        return asdict(self)
+
+
+def plan(options: BenchOptions) -> list[Cell]:
+    """The cells of a run, the modes of one shape next to each other: on a shared machine whose load drifts,
+    the figures a target compares are then taken seconds apart, not minutes."""
+    modes = [m for m in options.modes if m in SERVER_MODES] if options.target else list(options.modes)
+    cells: list[Cell] = []
+    for mode in modes:
+        if mode == "stateless":
+            grid = [(s, 1, h) for h in options.histories for s in options.stateless_sessions]
+        else:
+            grid = [(s, t, 0) for t in options.chunk_steps for s in options.sessions]
+            if mode == "batched":  # the stateful side of the history comparison
+                grid += [(1, 1, h) for h in options.histories]
+        cells += [Cell(mode, s, t, h, min(options.channels, s)) for s, t, h in grid]
+    return sorted(cells, key=lambda c: (c.chunk_steps, c.history_steps, c.sessions, MODES.index(c.mode)))

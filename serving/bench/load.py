@@ -1,0 +1,264 @@
+"""The load process: drives one cell against a server (or ONNX Runtime alone) and reports what it measured.
+
+The parent runs `python -m serving.bench.load JOB_JSON` and reads its stdout: `start` when the measured window
+opens, `stop` when it closes (the parent reads the server's CPU time at each), then one JSON line of results.
+Raw generated stubs on purpose: the figure should measure the server, not a client library.
+
+Each session keeps one chunk in flight (a closed loop): its next chunk leaves when its response arrives, so
+`sessions` is the concurrency. Sessions are spread over `channels` connections, one Stream call each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import numpy as np
+
+from serving._proto.conveyor.v1 import conveyor_pb2 as pb
+from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
+from serving.bench.grid import BenchError, Cell
+from serving.tensors import encode
+
+# Separate subchannel pools: otherwise grpc shares one connection among channels to the same target.
+CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
+Job = dict[str, Any]
+
+
+@dataclass
+class _Window:
+    """Counts chunks and keeps latencies of the responses that arrive while it is open."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    chunks: int = 0
+    steps: int = 0
+    is_open: bool = False
+    opened_s: float = 0.0
+    closed_s: float = 0.0
+
+    def record(self, latency_s: float, steps: int, chunks: int = 1) -> None:
+        if self.is_open:
+            self.latencies_s.append(latency_s)
+            self.chunks += chunks
+            self.steps += steps
+
+    def open(self) -> None:
+        self.opened_s, self.is_open = time.perf_counter(), True
+        say("start")
+
+    def close(self) -> None:
+        self.closed_s, self.is_open = time.perf_counter(), False
+        say("stop")
+
+    def result(self, cpu_s: float, **extra: Any) -> Job:
+        millis = np.percentile(self.latencies_s, (50, 99)) * 1000 if self.latencies_s else (np.nan, np.nan)
+        seconds = self.closed_s - self.opened_s
+        summary = {"chunks": self.chunks, "steps": self.steps, "seconds": seconds, "cpu_s": cpu_s}
+        return {**summary, "p50_ms": float(millis[0]), "p99_ms": float(millis[1]), **extra}
+
+
+class _Feed:
+    """One session's requests. Stateful: one session, offsets advancing, after an optional history prefix.
+    Stateless: every call a fresh session (start + end) carrying the whole history, one new step credited."""
+
+    def __init__(self, key: str, cell: Cell, inputs: Callable[[int], pb.Tensor]) -> None:
+        self.key = key
+        self.sent_s = 0.0
+        self.credit = 0  # steps the pending response is worth
+        self._stateless = cell.mode == "stateless"
+        self._calls = 0
+        self._offset = 0
+        self._chunk = inputs(cell.chunk_steps)
+        self._first = inputs(cell.history_steps) if cell.history_steps else self._chunk
+        self._steps = cell.chunk_steps
+
+    def next(self) -> pb.ChunkRequest:
+        self._calls += 1
+        self.sent_s = time.perf_counter()
+        if self._stateless:
+            self.credit = self._steps
+            return pb.ChunkRequest(
+                session_id=f"{self.key}.{self._calls}",
+                inputs=self._first,
+                start=True,
+                end=True,
+                outputs=pb.OUTPUT_MODE_LAST,
+                request_id=self.key,
+            )
+        inputs = self._first if self._calls == 1 else self._chunk
+        request = pb.ChunkRequest(
+            session_id=self.key,
+            inputs=inputs,
+            offset=self._offset,
+            start=self._calls == 1,
+            request_id=self.key,
+        )
+        self.credit = inputs.shape[0]
+        self._offset += self.credit
+        return request
+
+
+def stub(channel: grpc.aio.Channel) -> pb_grpc.ConveyorAsyncStub:
+    """The raw generated stub on an asyncio channel."""
+    return cast("pb_grpc.ConveyorAsyncStub", pb_grpc.ConveyorStub(channel))
+
+
+def inputs_maker(info: pb.ModelInfo, rng: np.random.Generator) -> Callable[[int], pb.Tensor]:
+    """A function of `steps` giving random valid inputs for the model `info` describes."""
+
+    def make(steps: int) -> pb.Tensor:
+        if info.input_kind == "tokens":
+            return encode(rng.integers(0, info.input_size, steps, dtype=np.int64))
+        return encode(rng.standard_normal((steps, info.input_size)).astype(np.float32))
+
+    return make
+
+
+async def _drive(service: pb_grpc.ConveyorAsyncStub, feeds: list[_Feed], window: _Window) -> None:
+    call = service.Stream()
+    by_key = {feed.key: feed for feed in feeds}
+    for feed in feeds:
+        await call.write(feed.next())
+    while True:
+        response = await call.read()
+        if response is grpc.aio.EOF:
+            raise BenchError("the server ended a stream while the bench was driving it")
+        kind = response.WhichOneof("kind")
+        if kind == "chunk":
+            feed = by_key[response.chunk.request_id]
+            window.record(time.perf_counter() - feed.sent_s, feed.credit)
+            await call.write(feed.next())
+        elif kind == "error":
+            raise BenchError(f"the server refused a chunk: {response.error.message}")
+
+
+async def _measure_server(job: Job) -> Job:
+    cell = Cell(**job["cell"])
+    channels = [
+        grpc.aio.insecure_channel(job["target"], options=CHANNEL_OPTIONS) for _ in range(cell.channels)
+    ]
+    try:
+        info = await stub(channels[0]).GetModelInfo(pb.ModelInfoRequest(), timeout=30)
+        make = inputs_maker(info, np.random.default_rng(job.get("seed", 0)))
+        prefix = uuid.uuid4().hex[:8]
+        feeds = [_Feed(f"{prefix}-{i}", cell, make) for i in range(cell.sessions)]
+        window = _Window()
+        drivers = [
+            asyncio.create_task(_drive(stub(channel), feeds[i :: len(channels)], window))
+            for i, channel in enumerate(channels)
+        ]
+        return await _run_window(drivers, window, job["warmup_s"], job["seconds"])
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def _run_window(
+    drivers: list[asyncio.Task[None]], window: _Window, warmup_s: float, seconds: float
+) -> Job:
+    try:
+        _raise_failed(await asyncio.wait(drivers, timeout=warmup_s, return_when=asyncio.FIRST_COMPLETED))
+        cpu_s = time.process_time()
+        window.open()
+        done = await asyncio.wait(drivers, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        window.close()
+        _raise_failed(done)
+        return window.result(time.process_time() - cpu_s)
+    finally:
+        for driver in drivers:
+            driver.cancel()
+        await asyncio.gather(*drivers, return_exceptions=True)
+
+
+def _raise_failed(waited: tuple[set[asyncio.Task[None]], set[asyncio.Task[None]]]) -> None:
+    for task in waited[0]:
+        task.result()  # a driver only ends by failing: raise its error
+
+
+def _measure_floor(job: Job) -> Job:
+    from serving.runner import OnnxStepRunner
+
+    cell = Cell(**job["cell"])
+    runner = OnnxStepRunner.load(Path(job["model_dir"]), intra_op_threads=job["ort_threads"])
+    spec = runner.spec
+    batch = min(cell.sessions, job["max_batch_size"])
+    rng = np.random.default_rng(job.get("seed", 0))
+    if spec.input_kind == "tokens":
+        x = rng.integers(0, spec.input_size, (batch, cell.chunk_steps), dtype=np.int64)
+    else:
+        x = rng.standard_normal((batch, cell.chunk_steps, spec.input_size)).astype(np.float32)
+    state = [np.zeros((spec.layers, batch, spec.hidden), np.float32)] * 2
+
+    def step() -> None:
+        _, state[0], state[1] = runner.run(x, state[0], state[1])
+
+    window = _Window()
+    _repeat(step, job["warmup_s"], window, batch, cell.chunk_steps)  # closed window: nothing counted
+    cpu_s = time.process_time()
+    window.open()
+    _repeat(step, job["seconds"], window, batch, cell.chunk_steps)
+    window.close()
+    return window.result(time.process_time() - cpu_s, batch=batch)
+
+
+def _repeat(step: Callable[[], None], seconds: float, window: _Window, batch: int, steps: int) -> None:
+    deadline = time.perf_counter() + seconds
+    while (started := time.perf_counter()) < deadline:
+        step()
+        window.record(time.perf_counter() - started, batch * steps, chunks=batch)
+
+
+def run_load(job: Job, on_start: Callable[[], None], on_stop: Callable[[], None]) -> Job:
+    """Run `job` in a load process; `on_start`/`on_stop` run as its measured window opens and closes.
+
+    The load process's stdin closes once `on_start` has returned: a job that holds something open while the
+    parent measures (idle sessions) waits for that.
+    """
+    argv = [sys.executable, "-m", "serving.bench.load", json.dumps(job)]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdin is not None and process.stdout is not None
+        result: Job | None = None
+        for line in process.stdout:
+            if line == "start\n":
+                on_start()
+                process.stdin.close()
+            elif line == "stop\n":
+                on_stop()
+            else:
+                result = json.loads(line)
+    if process.returncode != 0 or result is None:
+        raise BenchError(f"the load process failed (exit {process.returncode}; its errors are above)")
+    return result
+
+
+def say(word: str) -> None:
+    """Tell the parent process `word` (a line on stdout)."""
+    sys.stdout.write(word + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str]) -> None:
+    """The load process: run JOB_JSON (kind `cell` or `open`) and print its results as one JSON line."""
+    job = json.loads(argv[0])
+    if job["kind"] == "open":
+        from serving.bench.idle import open_idle
+
+        result = asyncio.run(open_idle(job))
+    elif Cell(**job["cell"]).mode == "ort_floor":
+        result = _measure_floor(job)
+    else:
+        result = asyncio.run(_measure_server(job))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,93 @@
+"""A bench run's rows as a table on stdout, a JSON list, and a PNG plot (matplotlib, imported to plot)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from serving.bench.grid import Row
+
+# (row key, title, width, format suffix); the first column is left-aligned, the rest right.
+_COLUMNS = (
+    ("mode", "mode", 9, ""),
+    ("sessions", "sessions", 8, "d"),
+    ("chunk_steps", "chunk", 5, "d"),
+    ("history_steps", "history", 7, "d"),
+    ("channels", "chan", 4, "d"),
+    ("timesteps_per_s", "steps/s", 9, ".0f"),
+    ("chunks_per_s", "chunks/s", 9, ".0f"),
+    ("p50_ms", "p50 ms", 7, ".3f"),
+    ("p99_ms", "p99 ms", 7, ".3f"),
+    ("cpu_s_per_1k_steps", "srv cpu/1k", 10, ".4f"),
+    ("load_cpu_s_per_1k_steps", "load cpu/1k", 11, ".4f"),
+    ("mean_batch", "batch", 6, ".1f"),
+)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A fixed-width table: one line per row; CPU columns in CPU seconds per 1000 timesteps."""
+    header = " ".join(_align(i, title, width) for i, (_, title, width, _) in enumerate(_COLUMNS))
+    return "\n".join([header, *(format_row(row) for row in rows)])
+
+
+def format_row(row: Row) -> str:
+    """One line of the table; `-` where a figure is missing."""
+    values = row.to_json()
+    cells = []
+    for i, (key, _, width, suffix) in enumerate(_COLUMNS):
+        value = values[key]
+        missing = value is None or (isinstance(value, float) and math.isnan(value))
+        cells.append(_align(i, "-" if missing else format(value, suffix), width))
+    return " ".join(cells)
+
+
+def _align(index: int, text: str, width: int) -> str:
+    return text.ljust(width) if index == 0 else text.rjust(width)
+
+
+def write_json(rows: Sequence[Row], path: Path) -> None:
+    """The rows as a JSON list of objects (NaN and missing figures as null)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = [{k: _finite(v) for k, v in row.to_json().items()} for row in rows]
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _finite(value: object) -> object:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def plot(rows: Sequence[Row], path: Path) -> None:
+    """Throughput and p99 latency against sessions, one panel pair per chunk length, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({row.chunk_steps for row in rows})
+    figure, axes = plt.subplots(len(lengths), 2, figsize=(12, 4.5 * len(lengths)), squeeze=False)
+    for (throughput, latency), length in zip(axes, lengths, strict=True):
+        for label, series in _series([row for row in rows if row.chunk_steps == length]).items():
+            sessions = [row.sessions for row in series]
+            marker = "o-" if len(series) > 1 else "s"
+            throughput.plot(sessions, [row.timesteps_per_s for row in series], marker, label=label)
+            latency.plot(sessions, [row.p99_ms for row in series], marker, label=label)
+        for axis, what in ((throughput, "timesteps/s"), (latency, "p99 chunk latency (ms)")):
+            axis.set(
+                xscale="log", yscale="log", xlabel="sessions", ylabel=what, title=f"{length}-step chunks"
+            )
+            axis.grid(True, which="both", alpha=0.3)
+        throughput.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _series(rows: Sequence[Row]) -> dict[str, list[Row]]:
+    series: dict[str, list[Row]] = {}
+    for row in sorted(rows, key=lambda r: r.sessions):
+        label = f"{row.mode} (history {row.history_steps})" if row.history_steps else row.mode
+        series.setdefault(label, []).append(row)
+    return series

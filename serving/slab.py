@@ -1,0 +1,51 @@
+"""Where the in-memory session store keeps every session's recurrent state: rows of a few large arrays.
+
+One array object and one heap block per session would cost about 150 bytes on top of a 1 KiB state, and a
+heap of long-lived 1 KiB blocks among short-lived ones (responses, batches) fragments, keeping memory that
+cannot go back to the OS. A slab holds `PAGE_ROWS` states per page, allocated zeroed (the OS maps a page's
+memory as its rows are first written), and hands rows out and back through a free list, latest freed first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PAGE_BITS = 10
+PAGE_ROWS = 1 << PAGE_BITS
+_ROW_MASK = PAGE_ROWS - 1
+
+
+class StateSlab:
+    """Rows of float32 `shape`, addressed by an integer slot. Not thread-safe: the event loop owns it."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self._shape = shape
+        self._pages: list[np.ndarray] = []  # written through these
+        self._views: list[np.ndarray] = []  # read-only views of the same pages, handed to readers
+        self._free: list[int] = []
+
+    def store(self, state: np.ndarray) -> int:
+        """Copy `state` into a free row; returns its slot."""
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self._pages[slot >> PAGE_BITS][slot & _ROW_MASK] = state
+        return slot
+
+    def view(self, slot: int) -> np.ndarray:
+        """The state in `slot`, read-only. It stays as it is until the slot is released and taken again."""
+        row: np.ndarray = self._views[slot >> PAGE_BITS][slot & _ROW_MASK]
+        return row
+
+    def release(self, slot: int) -> None:
+        """Give `slot` back; the next `store` may reuse it."""
+        self._free.append(slot)
+
+    def _grow(self) -> None:
+        page = np.zeros((PAGE_ROWS, *self._shape), np.float32)
+        view = page.view()
+        view.flags.writeable = False
+        first = len(self._pages) * PAGE_ROWS
+        self._pages.append(page)
+        self._views.append(view)
+        self._free.extend(range(first + PAGE_ROWS - 1, first - 1, -1))  # popped lowest first

@@ -1,0 +1,114 @@
+"""`conveyor bench` on a micro grid: every mode runs end to end and its rows are complete and sane.
+
+No speed assertions: how fast is for the bench to report, not for a test on a shared machine to judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+
+from serving.bench.cli import add_arguments, options_from_args
+from serving.bench.grid import MODES, BenchError, BenchOptions, Row, plan
+from serving.bench.memory import MemoryOptions, run_memory
+from serving.bench.report import format_table, plot, write_json
+from serving.bench.run import run_bench
+from serving.bench.targets import check_targets
+
+pytestmark = pytest.mark.timeout(180)
+
+REQUIRED_KEYS = {"mode", "sessions", "chunk_steps", "history_steps", "timesteps_per_s", "p50_ms", "p99_ms"}
+
+
+def _micro(model_dir: Path) -> BenchOptions:
+    return BenchOptions(
+        model_dir=model_dir,
+        sessions=(2,),
+        chunk_steps=(3,),
+        histories=(5,),
+        stateless_sessions=(1,),
+        channels=2,
+        warmup_s=0.1,
+        seconds=0.3,
+    )
+
+
+def test_every_mode_gives_complete_sane_rows(token_artifact: Path, tmp_path: Path) -> None:
+    options = _micro(token_artifact)
+    rows = run_bench(options)
+    assert [(r.mode, r.sessions, r.chunk_steps, r.history_steps) for r in rows] == [
+        (c.mode, c.sessions, c.chunk_steps, c.history_steps) for c in plan(options)
+    ]
+    assert {row.mode for row in rows} == set(MODES)
+    for row in rows:
+        assert row.chunks > 0 and row.seconds > 0
+        assert row.timesteps_per_s > 0 and row.chunks_per_s > 0
+        assert 0 < row.p50_ms <= row.p99_ms
+        assert row.cpu_s_per_1k_steps is not None and row.cpu_s_per_1k_steps >= 0
+        # Stateless rows credit one new step per call (chunk_steps 1); others their chunk (plus, rarely, a
+        # history prefix answered after the warm-up).
+        assert row.timesteps_per_s >= row.chunks_per_s * row.chunk_steps * 0.99
+        if row.mode == "ort_floor":
+            assert row.channels == 0 and row.mean_batch == 2 and row.load_cpu_s_per_1k_steps is None
+        else:
+            assert row.channels == min(2, row.sessions)
+            assert row.load_cpu_s_per_1k_steps is not None and row.load_cpu_s_per_1k_steps >= 0
+        if row.mode in ("batched", "unbatched", "stateless"):
+            assert row.mean_batch is not None and 1 <= row.mean_batch <= row.sessions
+        if row.mode == "unbatched":
+            assert row.mean_batch == 1
+
+    write_json(rows, tmp_path / "bench.json")
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert len(saved) == len(rows)
+    assert all(REQUIRED_KEYS | {"channels", "cpu_s_per_1k_steps"} <= set(row) for row in saved)
+    table = format_table(rows).splitlines()
+    assert len(table) == len(rows) + 1 and table[0].split()[:2] == ["mode", "sessions"]
+    checks = check_targets(rows)
+    assert checks and all(check.met is None for check in checks if "64 sessions" in check.name)
+    pytest.importorskip("matplotlib")
+    plot(rows, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_repeats_report_the_median_of_their_passes(token_artifact: Path) -> None:
+    options = replace(_micro(token_artifact), modes=("ort_floor",), repeats=3)
+    passes: list[Row] = []
+    [row] = run_bench(options, on_row=passes.append)
+    assert len(passes) == 3
+    assert row.chunks == sum(p.chunks for p in passes) and row.seconds == sum(p.seconds for p in passes)
+    assert row.p50_ms == sorted(p.p50_ms for p in passes)[1]
+
+
+def test_memory_mode_reports_per_session_bytes(token_artifact: Path) -> None:
+    result = run_memory(MemoryOptions(token_artifact, sessions=300, channels=2))
+    card = json.loads((token_artifact / "model.json").read_text())
+    assert result.raw_state_bytes == 2 * card["layers"] * card["hidden"] * 4
+    assert result.budget_bytes == 1.5 * result.raw_state_bytes + 512
+    assert result.sessions == 300 and result.open_s > 0
+    assert math.isfinite(result.bytes_per_session_fresh) and math.isfinite(result.bytes_per_session_idle)
+    assert set(result.to_json()) >= {"bytes_per_session_idle", "raw_state_bytes", "met"}
+
+
+def test_flags_pick_the_grid_and_quick_keeps_explicit_ones(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    quick = options_from_args(parser.parse_args(["--model", str(tmp_path), "--quick", "--seconds", "0.5"]))
+    assert quick.sessions == (1, 64) and quick.seconds == 0.5 and quick.model_dir == tmp_path
+    target = options_from_args(parser.parse_args(["--target", "127.0.0.1:1", "--sessions", "1,16"]))
+    assert target.model_dir is None and target.sessions == (1, 16)
+    assert {cell.mode for cell in plan(target)} == {"batched", "stateless"}
+    for bad in ({"model_dir": tmp_path, "modes": ("warp",)}, {}, {"model_dir": tmp_path, "seconds": 0}):
+        with pytest.raises(BenchError):
+            BenchOptions(**bad)  # type: ignore[arg-type]
+    with pytest.raises(BenchError, match="no exported model in"):
+        run_bench(BenchOptions(model_dir=tmp_path))
+
+
+def test_rows_carry_every_documented_key() -> None:
+    assert REQUIRED_KEYS | {"channels", "cpu_s_per_1k_steps"} <= {field.name for field in fields(Row)}
