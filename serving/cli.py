@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_stream(sub)
     _add_demo(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -117,6 +118,13 @@ def _add_stream(sub: Subparsers) -> None:
 def _add_demo(sub: Subparsers) -> None:
     p = _command(sub, "demo", "The France -> French story through a real server.", commands.demo)
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where models live")
+
+
+def _add_bench(sub: Subparsers) -> None:
+    from serving.bench.cli import add_arguments  # light: imports neither grpc nor numpy
+
+    help_text = "Throughput, latency, CPU and memory against their floors."
+    add_arguments(_command(sub, "bench", help_text, commands.bench))
 
 
 if __name__ == "__main__":

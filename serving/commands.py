@@ -49,7 +49,8 @@ def export(args: argparse.Namespace) -> None:
     parity = summary["parity"]
     print(
         f"exported {args.artifact}/model.onnx (sha256 {summary['onnx_sha256'][:12]}): "
-        f"ONNX Runtime vs PyTorch {parity['ort_vs_torch_max_abs']:.1e}, "
+        f"ONNX Runtime vs PyTorch {parity['ort_vs_torch_max_scaled']:.1e} scaled "
+        f"({parity['ort_vs_torch_max_abs']:.1e} abs), "
         f"chunked vs whole {parity['chunked_vs_whole_max_abs']:.1e}"
     )
 
@@ -58,7 +59,7 @@ def experiment(args: argparse.Namespace) -> None:
     from training.experiment import SweepOptions, run_gap_sweep
 
     with _user_errors(OSError):
-        run_gap_sweep(args.out, SweepOptions(quick=args.quick))
+        run_gap_sweep(args.out, SweepOptions.quick() if args.quick else SweepOptions())
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -105,3 +106,11 @@ def demo(args: argparse.Namespace) -> None:
 
     with _user_errors(DemoError):
         run_demo(DemoOptions(artifacts=args.artifacts))
+
+
+def bench(args: argparse.Namespace) -> None:
+    from serving.bench.cli import run
+    from serving.bench.grid import BenchError
+
+    with _user_errors(BenchError, OSError):
+        run(args)

@@ -230,6 +230,7 @@ def test_parity_miss_fails_the_export_and_removes_stale_outputs(
         return to_onnx(twin, metadata)
 
     monkeypatch.setattr(artifact_module, "to_onnx", drifted)
-    with pytest.raises(ExportError, match=rf"parity check failed.*ort vs torch: max abs difference {figure}"):
+    miss = rf"parity check failed.*ort vs torch: max \|a-b\|/\(1\+\|b\|\) \S+ \(abs {figure}"
+    with pytest.raises(ExportError, match=miss):
         export_artifact(tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.pt"]
