@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SRC := training export serving tests scripts
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint typecheck proto proto-check train export experiment experiment-quick serve clean
+.PHONY: help setup demo test prometheus bench lint typecheck proto proto-check train export experiment experiment-quick serve clean
 
 help: ## List what you can do
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -23,8 +23,16 @@ setup: $(STAMP) ## Create .venv and install Conveyor with training and dev tools
 demo: $(STAMP) ## Train + export the language model if missing, serve it, stream the France story through gRPC
 	$(BIN)/conveyor demo
 
-test: $(STAMP) proto-check lint typecheck ## Run the test suite, ruff and mypy
+test: $(STAMP) prometheus proto-check lint typecheck ## Run the test suite, ruff and mypy
 	$(BIN)/pytest
+
+# promtool and prometheus run the rule tests and the dashboard-query test; Debian packages them.
+prometheus: ## Install Prometheus + promtool from Debian when missing (deploy tests)
+	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } \
+		|| echo "prometheus could not be installed: the deploy tests will be skipped"
+
+bench: $(STAMP) ## Quick benchmark: table on stdout, JSON + PNG under reports/bench/
+	$(BIN)/conveyor bench --quick --json reports/bench/quick.json --plot reports/bench/quick.png
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -34,7 +34,7 @@ class FitOptions:
     """Optimisation budget and schedule."""
 
     max_steps: int = 2400
-    batch_size: int = 32
+    batch_size: int = 16
     learning_rate: float = 1e-2
     # Cosine decay to this fraction of the rate. The LM positions' irreducible loss keeps Adam's steps noisy;
     # letting them shrink at the end is what made the memory hold beyond the training gaps (measured: the

@@ -6,8 +6,9 @@ The model is a next-word language model over the whole vocabulary, trained at ev
 position that predicts the language word (input "fluent") carries most of the loss weight: a feasibility run
 saw an unweighted all-positions loss degrade beyond the training gaps, while a loss focused on the language
 word extrapolated. Word level rather than character level because the dependency is between words: characters
-would multiply every gap by about six, and the training time with it. A stream may hold two sentences back to
-back with different countries, so that the memory must be overwritten, not accumulated.
+would multiply every gap by about six, and the training time with it. Training rows hold several sentences
+back to back, each with a different country from the one before, so the memory must be overwritten, not
+accumulated.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _LANGUAGE_IDS = VOCABULARY.encode(" ".join(LANGUAGES))
 _OPENING = VOCABULARY.encode("i grew up in")  # then the country and "."
 _CLOSING = VOCABULARY.encode("i speak fluent")  # then the language and "."
 _FULL_STOP = VOCABULARY.encode(".")[0]
+_FRAME_LENGTH = len(_OPENING) + len(_CLOSING) + 4  # words of a sentence besides its filler
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,9 @@ class LanguageTaskConfig:
     start_max_gap_words: int = 10  # the curriculum's first stage
     train_max_gap_words: int = 200  # no training sentence has a longer filler; evaluation goes beyond
     gap_mean_fraction: float = 0.5  # mean training gap, as a fraction of the curriculum's current maximum
-    two_sentence_prob: float = 0.3
+    # Training rows are sentences packed back to back (no padding to waste), this many maximal gaps long
+    # plus room for the frame words: three to four sentences per row, each overwriting the last country.
+    row_length_gaps: float = 2.0
     language_weight: float = 1.0
     # Every other position: a real LM, but weighted so that it does not drown the dependency. The LM loss
     # also helps early: with the language word alone, learning sat at chance for hundreds of steps.
@@ -94,13 +98,13 @@ class LanguageTask:
         return VOCABULARY.decode(ids)
 
     def training_batch(self, batch_size: int, difficulty: float, rng: np.random.Generator) -> Batch:
-        """Streams of one or two sentences with gaps up to the curriculum's current maximum."""
+        """Rows of sentences packed back to back, gaps up to the curriculum's current maximum."""
         span = self.config.train_max_gap_words - self.config.start_max_gap_words
-        return self._mixed_batch(batch_size, self.config.start_max_gap_words + round(difficulty * span), rng)
+        return self._packed_batch(batch_size, self.config.start_max_gap_words + round(difficulty * span), rng)
 
     def validation_batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
         """Streams at full training difficulty."""
-        return self._mixed_batch(batch_size, self.config.train_max_gap_words, rng)
+        return self._packed_batch(batch_size, self.config.train_max_gap_words, rng)
 
     def gap_batch(self, gaps: Sequence[int], rng: np.random.Generator) -> Batch:
         """One single-sentence stream per gap length in `gaps`."""
@@ -128,15 +132,19 @@ class LanguageTask:
         return "language_word_acc_worst_bucket"
 
     def sample_sequences(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-        """Held-out streams of one or two sentences, gaps up to the training maximum."""
-        batch = [self._random_stream(self.config.train_max_gap_words, rng) for _ in range(n)]
-        return [np.array(s.ids, dtype=np.int64) for s in batch]
+        """Held-out streams of varied lengths (a few words to a few sentences), training-sized gaps."""
+        longest = self._row_length(self.config.train_max_gap_words)
+        lengths = rng.integers(8, longest, size=n, endpoint=True)
+        rows = [self._packed_stream(int(length), self.config.train_max_gap_words, rng) for length in lengths]
+        return [np.array(s.ids, dtype=np.int64) for s in rows]
 
     def stream(self, gaps: Sequence[int], rng: np.random.Generator) -> Stream:
         """Sentences back to back, one per gap length, each with a different country from the one before."""
         ids: list[int] = []
         positions = []
-        countries = rng.choice(len(COUNTRIES), size=len(gaps), replace=False)
+        # a random walk whose steps are never 0 mod N: never the same country twice in a row
+        shifts = rng.integers(1, len(COUNTRIES), size=len(gaps))
+        countries = (rng.integers(len(COUNTRIES)) + np.cumsum(shifts)) % len(COUNTRIES)
         for gap, country in zip(gaps, countries, strict=True):
             ids += [*_OPENING, _COUNTRY_IDS[country], _FULL_STOP]
             ids += rng.choice(_FILLER_IDS, size=gap).tolist()
@@ -166,20 +174,33 @@ class LanguageTask:
             torch.from_numpy(scored),
         )
 
-    def _mixed_batch(self, batch_size: int, max_gap: int, rng: np.random.Generator) -> Batch:
-        return self.batch([self._random_stream(max_gap, rng) for _ in range(batch_size)], rng)
+    def _packed_batch(self, batch_size: int, max_gap: int, rng: np.random.Generator) -> Batch:
+        length = self._row_length(max_gap)
+        return self.batch([self._packed_stream(length, max_gap, rng) for _ in range(batch_size)], rng)
 
-    def _random_stream(self, max_gap: int, rng: np.random.Generator) -> Stream:
-        sentences = 2 if rng.random() < self.config.two_sentence_prob else 1
-        gaps = memoryless_gaps(max_gap * self.config.gap_mean_fraction, max_gap, sentences, rng)
-        return self.stream(gaps.tolist(), rng)
+    def _row_length(self, max_gap: int) -> int:
+        return round(self.config.row_length_gaps * max_gap) + 2 * _FRAME_LENGTH
+
+    def _packed_stream(self, length: int, max_gap: int, rng: np.random.Generator) -> Stream:
+        """`length` words: filler, then sentences back to back, cut off at `length`.
+
+        The leading filler makes rows start mid-text, as a served stream may. A language word cut off by the
+        end of the row is not scored.
+        """
+        mean = max_gap * self.config.gap_mean_fraction
+        lead, *gaps = memoryless_gaps(mean, max_gap, length // _FRAME_LENGTH + 1, rng).tolist()
+        sentences = int(np.searchsorted(np.cumsum(np.add(gaps, _FRAME_LENGTH)), length - lead)) + 1
+        s = self.stream(gaps[:sentences], rng)
+        ids = (rng.choice(_FILLER_IDS, size=lead).tolist() + s.ids)[:length]
+        return Stream(ids, [lead + p for p in s.language_positions if lead + p < length - 1])
 
 
 def memoryless_gaps(mean: float, max_gap: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """Gap lengths from a geometric distribution with the given mean, truncated at max_gap.
 
-    Memoryless on purpose: with uniform gaps the chance that the filler ends grows with the words seen, so
-    next-word prediction rewards counting them, and a counter is exactly what breaks beyond the training gaps.
+    Memoryless on purpose: the chance that a filler ends is the same after any number of words, so
+    next-word prediction gives no reward for counting them (with uniform gaps it would), and a count is a
+    skill that has no reason to carry past the training gaps.
     """
     keep = mean / (mean + 1)  # chance that the filler goes on after each word
     u = rng.random(n) * (1 - keep ** (max_gap + 1))  # inverse CDF restricted to gaps 0..max_gap
