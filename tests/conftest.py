@@ -12,11 +12,12 @@ where it is not, the fixtures skip the tests that ask for them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from serving_harness import running
 
 if TYPE_CHECKING:
     from training.model import CellKind
@@ -77,3 +78,16 @@ def token_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def feature_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Exported artifact `sensor`: float32 features in (the sensor task's channels), 2 layers, hidden 16."""
     return _exported(tmp_path_factory.mktemp("artifacts") / "sensor", "sensor", layers=2, hidden=16)
+
+
+# A real server per test module on a free port, for tests that talk to it through a target string.
+@pytest.fixture(scope="module")
+def token_target(token_artifact: Path) -> Iterator[str]:
+    with running(token_artifact) as server:
+        yield f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="module")
+def feature_target(feature_artifact: Path) -> Iterator[str]:
+    with running(feature_artifact) as server:
+        yield f"127.0.0.1:{server.port}"

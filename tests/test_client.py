@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from serving_harness import card, offline, running
+from serving_harness import card, offline
 from serving_harness import sequence as valid_inputs
 
 from serving._proto.conveyor.v1 import conveyor_pb2 as pb
@@ -24,18 +23,6 @@ pytestmark = pytest.mark.timeout(60)
 ATOL = 1e-5
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: connections are refused at once
 FAST_RETRY = ClientOptions(timeout_s=5.0, retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.01))
-
-
-@pytest.fixture(scope="module")
-def token_target(token_artifact: Path) -> Iterator[str]:
-    with running(token_artifact) as server:
-        yield f"127.0.0.1:{server.port}"
-
-
-@pytest.fixture(scope="module")
-def feature_target(feature_artifact: Path) -> Iterator[str]:
-    with running(feature_artifact) as server:
-        yield f"127.0.0.1:{server.port}"
 
 
 def tokens(n: int, seed: int = 0) -> np.ndarray:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_harness import card, offline, running, sequence
+from serving_harness import card, offline, sequence
 
 from serving.cli import main
 from serving.streaming import StreamError, StreamOptions, encode_text, stream
@@ -18,18 +17,6 @@ pytestmark = pytest.mark.timeout(60)
 ATOL = 1e-5
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: connections are refused at once
 TEXT = "i grew up in France. later we moved to the city and my father found a new job there"
-
-
-@pytest.fixture(scope="module")
-def token_target(token_artifact: Path) -> Iterator[str]:
-    with running(token_artifact) as server:
-        yield f"127.0.0.1:{server.port}"
-
-
-@pytest.fixture(scope="module")
-def feature_target(feature_artifact: Path) -> Iterator[str]:
-    with running(feature_artifact) as server:
-        yield f"127.0.0.1:{server.port}"
 
 
 def vocabulary(artifact: Path) -> list[str]:
