@@ -33,7 +33,7 @@ class BatchSource(Protocol):
 class FitOptions:
     """Optimisation budget and schedule."""
 
-    max_steps: int = 2400
+    max_steps: int = 3000
     batch_size: int = 16
     learning_rate: float = 1e-2
     # Cosine decay to this fraction of the rate. The LM positions' irreducible loss keeps Adam's steps noisy;
