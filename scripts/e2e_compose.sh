@@ -151,6 +151,17 @@ wait_healthy() {
     die "the server was not healthy within ${health_timeout_s}s"
 }
 
+check_trainer_ran_once() {
+    local trainer_id expected
+    trainer_id=$(container_of "$project" trainer)
+    [[ "$(docker inspect -f '{{.State.ExitCode}}' "$trainer_id")" == 0 ]] || die "the trainer did not exit 0"
+    expected="artifact ready"
+    [[ -n "${CONVEYOR_E2E_ARTIFACT:-}" ]] && expected="skipping training"
+    docker logs "$trainer_id" 2>&1 | grep -q "$expected" ||
+        die "the trainer's log lacks '$expected'" "$(docker logs "$trainer_id" 2>&1 | tail -n 5)"
+    echo "ok: trainer exited 0 ($expected)"
+}
+
 check_stream() {
     log "streaming the France story through 127.0.0.1:50051"
     local output last
@@ -214,5 +225,6 @@ log "docker compose up -d (trainer, then server, prometheus)"
 "${compose[@]}" -p "$project" "${files[@]}" up -d || die "compose up failed" \
     "$("${compose[@]}" -p "$project" "${files[@]}" logs --tail=30 trainer 2>&1)"
 wait_healthy
+check_trainer_ran_once
 check_stream
 check_prometheus
