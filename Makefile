@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SRC := training export serving tests scripts
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test prometheus bench lint typecheck proto proto-check train export experiment experiment-quick serve clean
+.PHONY: help setup demo test prometheus bench e2e-compose lint typecheck proto proto-check train export experiment experiment-quick serve clean
 
 help: ## List what you can do
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ prometheus: ## Install Prometheus + promtool from Debian when missing (deploy te
 
 bench: $(STAMP) ## Quick benchmark: table on stdout, JSON + PNG under reports/bench/
 	$(BIN)/conveyor bench --quick --json reports/bench/quick.json --plot reports/bench/quick.png
+
+e2e-compose: $(STAMP) ## Offline compose end to end: images, train, serve, stream the story, scrape (root; ~20 min cold)
+	scripts/e2e_compose.sh
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .
