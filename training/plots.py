@@ -39,6 +39,8 @@ def plot_sweep(gaps: Sequence[int], accuracy: Mapping[str, np.ndarray], path: Pa
         (line,) = ax.plot(gaps, values.mean(axis=0), "o-", label=cell)
         ax.fill_between(gaps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
     ax.set_xscale("log")
+    ax.set_xticks(list(gaps), labels=[str(g) for g in gaps], minor=False)
+    ax.minorticks_off()
     ax.set_xlabel("gap length (filler words)")
     ax.set_ylabel("language-word accuracy")
     ax.set_ylim(-0.02, 1.02)
