@@ -33,6 +33,7 @@ from serving.client_core import (
     ModelInfo,
     Outputs,
     SessionCursor,
+    SessionHandle,
     Snapshot,
     not_found_is_ended,
     retry_delay,
@@ -247,23 +248,13 @@ class AsyncConveyorClient:
             await asyncio.sleep(delay)
 
 
-class AsyncSession:
+class AsyncSession(SessionHandle):
     """One sequence streamed in chunks over an AsyncConveyorClient; tracks the offset, ends on `with` exit."""
 
     def __init__(self, client: AsyncConveyorClient, cursor: SessionCursor, via: Via) -> None:
+        super().__init__(cursor)
         self._client = client
-        self.cursor = cursor
         self._send = client.stream_chunk if via == "stream" else client.step
-
-    @property
-    def session_id(self) -> str | None:
-        """The session id (None until the server has issued one)."""
-        return self.cursor.session_id
-
-    @property
-    def offset(self) -> int:
-        """Timesteps the session has consumed: the next chunk's offset."""
-        return self.cursor.offset
 
     @property
     def end_reason(self) -> str | None:
@@ -286,10 +277,10 @@ class AsyncSession:
 
     async def end(self) -> None:
         """Free the session's state on the server (no-op when it never started or already ended)."""
-        if self.cursor.started and not self.cursor.ended and self.cursor.session_id:
-            self.cursor.ended = True
+        session_id = self.cursor.close()
+        if session_id:
             try:
-                await self._client.end_session(self.cursor.session_id)
+                await self._client.end_session(session_id)
             except ConveyorError as exc:
                 not_found_is_ended(exc)
 

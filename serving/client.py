@@ -36,6 +36,7 @@ from serving.client_core import (
     Outputs,
     RetryPolicy,
     SessionCursor,
+    SessionHandle,
     Snapshot,
     not_found_is_ended,
     retry_delay,
@@ -141,22 +142,12 @@ class ConveyorClient:
             time.sleep(delay)
 
 
-class Session:
+class Session(SessionHandle):
     """One sequence streamed in chunks over a ConveyorClient; tracks the offset, ends on leaving `with`."""
 
     def __init__(self, client: ConveyorClient, cursor: SessionCursor) -> None:
+        super().__init__(cursor)
         self._client = client
-        self.cursor = cursor
-
-    @property
-    def session_id(self) -> str | None:
-        """The session id (None until the server has issued one)."""
-        return self.cursor.session_id
-
-    @property
-    def offset(self) -> int:
-        """Timesteps the session has consumed: the next chunk's offset."""
-        return self.cursor.offset
 
     def send(self, chunk: np.ndarray | list[Any], *, end: bool = False) -> np.ndarray:
         """Apply the next chunk; returns its outputs, (time, outputs) or (1, outputs) float32, read-only.
@@ -171,10 +162,10 @@ class Session:
 
     def end(self) -> None:
         """Free the session's state on the server (no-op when it never started or already ended)."""
-        if self.cursor.started and not self.cursor.ended and self.cursor.session_id:
-            self.cursor.ended = True
+        session_id = self.cursor.close()
+        if session_id:
             try:
-                self._client.end_session(self.cursor.session_id)
+                self._client.end_session(session_id)
             except ConveyorError as exc:
                 not_found_is_ended(exc)
 

@@ -215,11 +215,35 @@ class SessionCursor:
                 grpc.StatusCode.INTERNAL, f"malformed outputs from the server: {exc}"
             ) from None
 
+    def close(self) -> str | None:
+        """Mark a live session ended and return its id to end on the server; None when none is live."""
+        if not self.started or self.ended or not self.session_id:
+            return None
+        self.ended = True
+        return self.session_id
+
     def require_started(self) -> str:
         """The session id, or FAILED_PRECONDITION when the session has not sent its first chunk yet."""
         if not self.started or self.session_id is None:
             raise ConveyorError(grpc.StatusCode.FAILED_PRECONDITION, "the session has not started yet")
         return self.session_id
+
+
+class SessionHandle:
+    """What the sync and asyncio sessions share: a cursor and read-only views of it."""
+
+    def __init__(self, cursor: SessionCursor) -> None:
+        self.cursor = cursor
+
+    @property
+    def session_id(self) -> str | None:
+        """The session id (None until the server has issued one)."""
+        return self.cursor.session_id
+
+    @property
+    def offset(self) -> int:
+        """Timesteps the session has consumed: the next chunk's offset."""
+        return self.cursor.offset
 
 
 def retry_delay(error: grpc.RpcError | ConveyorError, backoffs: Iterator[float]) -> float:
