@@ -1,7 +1,7 @@
 """Raw little-endian tensors on the wire <-> numpy arrays, shared by the servicer and the client.
 
-Decoding never copies: the array is a read-only view of the message's bytes. Encoding copies once, into the
-message's bytes field (protobuf owns its buffers).
+Decoding reads the bytes field once (protobuf hands out a copy on each read) and views it: the array is
+read-only and shares those bytes. Encoding copies once, into the message's bytes field.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ def decode(tensor: pb.Tensor) -> np.ndarray:
     shape = tuple(tensor.shape)
     if any(dim < 0 for dim in shape):
         raise TensorDecodeError(f"tensor shape {list(shape)} has a negative dimension")
+    data = tensor.data  # each access copies the bytes out of the message: read it once
     expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != expected:
+    if len(data) != expected:
         raise TensorDecodeError(
-            f"tensor data has {len(tensor.data)} bytes but shape {list(shape)} of "
+            f"tensor data has {len(data)} bytes but shape {list(shape)} of "
             f"{pb.DType.Name(tensor.dtype)} needs {expected}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def encode(array: np.ndarray) -> pb.Tensor:
