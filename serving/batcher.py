@@ -9,7 +9,6 @@ queue is bounded by the number of live sessions.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,15 +24,14 @@ from serving.runner import StepRunner
 # the batch's arrays: a caller that keeps one past its use copies it.
 RowResult = tuple[np.ndarray, np.ndarray]
 
-# Every batch runs on the runner thread, so a runtime that stalls never stalls the event loop (health
-# checks, other streams, shutdown). Awaiting a batch there costs two thread wake-ups, one through the loop's
-# self-pipe: about 0.08 ms of CPU on the 2-core bench host, twice what ORT takes for a one-row, one-step
-# batch. So a batch predicted to take less than _WAIT_MAX_S is waited for directly by the loop thread (one
-# wake-up, about half the cost); should it overrun twice that, the loop goes back to its other work and is
-# woken as usual. Longer batches are awaited from the start: the loop keeps reading and answering while ORT
-# runs (it releases the GIL). Until the runner has been timed, every batch is awaited.
-_WAIT_MAX_S = 0.001
-_WEIGHT = 0.2  # of the newest batch in the running estimate of seconds per row-timestep
+# Where a batch runs. On the runner thread, the event loop keeps reading and answering while ORT runs (it
+# releases the GIL), and a runtime that stalls never stalls the loop. But the hand-off costs two thread
+# wake-ups, one through the loop's self-pipe: about 0.1 ms of CPU on the 2-core bench host (each system call
+# is costly there), several times what ORT takes for a one-step batch of 64 rows. So a batch predicted to take
+# less than `inline_max_ms` runs on the loop thread itself: the loop is held that long at most, and the
+# hand-off is gone. Predictions come from batches already timed at a similar size; a size not yet timed runs
+# on the thread, so a slow model is never run inline on a guess.
+_WEIGHT = 0.2  # of the newest batch in a running estimate
 
 
 class BatchMetrics(Protocol):
@@ -59,33 +57,45 @@ class _Pending:
 
 
 class Batcher:
-    """Gathers chunks, runs each batch once in a worker thread (ORT releases the GIL), answers each caller."""
+    """Gathers chunks, runs each batch once (short ones inline, others on a thread), answers each caller."""
 
     def __init__(
-        self, runner: StepRunner, *, max_batch_size: int, max_delay_ms: float, metrics: BatchMetrics
+        self,
+        runner: StepRunner,
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        inline_max_ms: float,
+        metrics: BatchMetrics,
     ) -> None:
         self._runner = runner
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_ms / 1000
+        self._inline_max_s = inline_max_ms / 1000  # 0: every batch on the runner thread
         self._metrics = metrics
         self._pending: list[_Pending] = []
         self._running: list[_Pending] = []
-        self._arrived = asyncio.Event()
+        # The loop the first chunk arrived on; kept, because asking asyncio for it costs a system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Future[None] | None = None  # the idle worker waits on it
         self._worker: asyncio.Task[None] | None = None
         # One thread: batches run one at a time, and chunks arriving meanwhile form the next batch.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-runner")
-        self._step_s: float | None = None  # estimated inference seconds per row-timestep
+        self._cost = _BatchCost()
         self._closed = False
 
     async def run(self, x: np.ndarray, state: np.ndarray) -> RowResult:
         """Run one session's chunk `x` from `state`; returns its outputs [time, outputs] and its new state."""
         if self._closed:
             raise ShuttingDownError()
-        item = _Pending(x, state, asyncio.get_running_loop().create_future())
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self._worker = loop.create_task(self._work(), name="conveyor-batcher")
+        item = _Pending(x, state, loop.create_future())
         self._pending.append(item)
-        self._arrived.set()
-        if self._worker is None:
-            self._worker = asyncio.create_task(self._work(), name="conveyor-batcher")
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
         return await item.future
 
     async def close(self) -> None:
@@ -105,13 +115,18 @@ class Batcher:
     async def _work(self) -> None:
         while True:
             if not self._pending:
-                self._arrived.clear()
-                await self._arrived.wait()
+                await self._arrival()
             await self._fill()
             self._running = self._take()
             if self._running:
                 await self._run(self._running)
             self._running = []
+
+    def _arrival(self) -> asyncio.Future[None]:
+        """A future that completes when the next chunk is queued."""
+        assert self._loop is not None  # set by the first `run`, which starts the worker
+        self._wake = self._loop.create_future()
+        return self._wake
 
     async def _fill(self) -> None:
         # With a delay, wait (from the oldest chunk's arrival) for the batch to fill. Without one, let the
@@ -124,9 +139,8 @@ class Batcher:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
-            self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                await asyncio.wait_for(self._arrival(), remaining)
             except TimeoutError:
                 return
 
@@ -161,18 +175,15 @@ class Batcher:
         started = time.perf_counter()
         for item in batch:
             self._metrics.observe_queue_wait(started - item.enqueued_s)
-        row_steps = len(batch) * len(batch[0].x)
-        running = self._executor.submit(self._compute, batch)
-        short = self._step_s is not None and self._step_s * row_steps < _WAIT_MAX_S
-        try:
-            rows, inference_s = running.result(timeout=2 * _WAIT_MAX_S if short else 0)
-        except concurrent.futures.TimeoutError:
-            rows, inference_s = await asyncio.wrap_future(running)
-        per_step = inference_s / row_steps
-        self._step_s = (
-            per_step if self._step_s is None else self._step_s + _WEIGHT * (per_step - self._step_s)
-        )
-        self._metrics.observe_batch(len(batch), inference_s)
+        size, steps = len(batch), len(batch[0].x)
+        predicted_s = self._cost.predict(size, steps)
+        if predicted_s is not None and predicted_s < self._inline_max_s:
+            rows, inference_s = self._compute(batch)
+        else:
+            assert self._loop is not None
+            rows, inference_s = await self._loop.run_in_executor(self._executor, self._compute, batch)
+        self._cost.update(size, steps, inference_s)
+        self._metrics.observe_batch(size, inference_s)
         return rows
 
     def _compute(self, batch: list[_Pending]) -> tuple[list[RowResult], float]:
@@ -186,6 +197,29 @@ class Batcher:
         new_states = np.empty((len(batch), 2, *hn[:, 0].shape), np.float32)  # (B, 2, layers, hidden)
         new_states[:, 0], new_states[:, 1] = hn.swapaxes(0, 1), cn.swapaxes(0, 1)
         return [(y[i], new_states[i]) for i in range(len(batch))], inference_s
+
+
+class _BatchCost:
+    """Predicts a batch's inference seconds from batches already run at a similar size.
+
+    A recurrent model steps through time one timestep after another, each step over all rows at once, so a
+    batch's time is close to (timesteps x the cost of one step at its row count). One running estimate of that
+    per-step cost is kept for each power-of-two bucket of row counts.
+    """
+
+    def __init__(self) -> None:
+        self._step_s: dict[int, float] = {}  # row-count bucket -> seconds per timestep
+
+    def predict(self, rows: int, steps: int) -> float | None:
+        """Expected seconds for `rows` x `steps`; None until a batch of a similar size has been timed."""
+        step_s = self._step_s.get(rows.bit_length())
+        return None if step_s is None else step_s * steps
+
+    def update(self, rows: int, steps: int, seconds: float) -> None:
+        """Fold in a batch's measured time."""
+        bucket, observed = rows.bit_length(), seconds / steps
+        known = self._step_s.get(bucket)
+        self._step_s[bucket] = observed if known is None else known + _WEIGHT * (observed - known)
 
 
 def _check_split(

@@ -28,6 +28,9 @@ class ServerConfig:
     metrics_port: int = 9464  # Prometheus /metrics over HTTP
     max_batch_size: int = 64  # sessions per runner call; 1 disables cross-session batching
     max_delay_ms: float = 0.0  # extra wait for a batch to fill; 0 batches only what is already waiting
+    # Batches predicted to take less run on the event loop's thread, saving a thread hand-off (about 0.1 ms
+    # of CPU); 0 runs every batch on the runner thread, so even a runtime that hangs cannot hold up the loop.
+    inline_batch_max_ms: float = 0.5
     max_chunk_steps: int = 1024  # longest accepted chunk, in timesteps
     idle_ttl_s: float = 600.0  # a session unused this long expires
     session_lifetime_s: float = 86400.0  # a session older than this ends, however busy
@@ -47,7 +50,7 @@ class ServerConfig:
         _check("ort_intra_op_threads", self.ort_intra_op_threads >= 0, "an integer >= 0 (0: ORT decides)")
         for name in ("idle_ttl_s", "session_lifetime_s", "sweep_interval_s", "replay_window_s"):
             _check(name, getattr(self, name) > 0, "a number of seconds > 0")
-        for name in ("max_delay_ms", "grace_s"):
+        for name in ("max_delay_ms", "inline_batch_max_ms", "grace_s"):
             _check(name, getattr(self, name) >= 0, "a number >= 0")
 
     @classmethod

@@ -200,7 +200,11 @@ async def _start(
     )
     metrics.track_sessions(store.__len__, store.state_bytes, config.max_sessions)
     batcher = Batcher(
-        runner, max_batch_size=config.max_batch_size, max_delay_ms=config.max_delay_ms, metrics=metrics
+        runner,
+        max_batch_size=config.max_batch_size,
+        max_delay_ms=config.max_delay_ms,
+        inline_max_ms=config.inline_batch_max_ms,
+        metrics=metrics,
     )
     engine = Engine(ModelInfo(spec, config.max_chunk_steps, config.idle_ttl_s), store, batcher, metrics)
     servicer = ConveyorServicer(engine, metrics, max_inflight_per_stream=config.max_inflight_per_stream)

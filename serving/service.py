@@ -7,6 +7,7 @@ run, so a cancelled chunk leaves its session as it was and a retry with the same
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -123,9 +124,10 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         self, request_iterator: AsyncIterator[pb.ChunkRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         """Answers each request in band, concurrently across sessions; tells the stream of ended sessions."""
-        outbox = _Outbox(self._window)
+        loop = asyncio.get_running_loop()
+        outbox = _Outbox(self._window, loop)
         self._outboxes.add(outbox)
-        reader = asyncio.create_task(self._read(request_iterator, outbox))
+        reader = loop.create_task(self._read(request_iterator, outbox, loop))
         try:
             async for response in outbox:
                 yield response
@@ -184,13 +186,16 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         for outbox in self._outboxes:
             loop.call_soon(outbox.finish)  # after the notices the engine scheduled before this call
 
-    async def _read(self, requests: AsyncIterator[pb.ChunkRequest], outbox: _Outbox) -> None:
+    async def _read(
+        self, requests: AsyncIterator[pb.ChunkRequest], outbox: _Outbox, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        # Tasks are made through `loop`: asyncio.create_task would look the loop up (a system call) each time.
         tasks: set[asyncio.Task[None]] = set()
         try:
             async for request in requests:
                 received = time.perf_counter()
                 await outbox.reserve()
-                task = asyncio.create_task(self._answer_in_band(request, received, outbox))
+                task = loop.create_task(self._answer_in_band(request, received, outbox))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:
@@ -248,10 +253,15 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
 
 
 class _Outbox:
-    """One stream's outgoing messages in the order they were produced, and its window of unanswered chunks."""
+    """One stream's outgoing messages in the order they were produced, and its window of unanswered chunks.
 
-    def __init__(self, window: int) -> None:
-        self._queue: asyncio.Queue[tuple[pb.StreamResponse, bool] | None] = asyncio.Queue()
+    A deque and one future rather than an asyncio.Queue: every message passes through here, and each
+    Queue.get asks asyncio for the running loop, which costs a system call."""
+
+    def __init__(self, window: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue: collections.deque[tuple[pb.StreamResponse, bool] | None] = collections.deque()
+        self._loop = loop
+        self._ready: asyncio.Future[None] | None = None  # the sender waits on it while the queue is empty
         self._window = asyncio.Semaphore(window)
         self.touched: set[str] = set()  # sessions this stream used: the engine tells it when they end
         # One callable for all of them: each `self.notify` would be a new bound method, kept per session.
@@ -263,7 +273,7 @@ class _Outbox:
 
     def answer(self, response: pb.StreamResponse) -> None:
         """Queue a chunk's response or error."""
-        self._queue.put_nowait((response, True))
+        self._put((response, True))
 
     def notify(self, ended: SessionEnd) -> None:
         """Queue the notice that a session this stream used has ended."""
@@ -271,14 +281,26 @@ class _Outbox:
         notice = pb.SessionEnded(
             session_id=ended.session_id, reason=_REASONS[ended.reason], steps=ended.steps
         )
-        self._queue.put_nowait((pb.StreamResponse(session_ended=notice), False))
+        self._put((pb.StreamResponse(session_ended=notice), False))
 
     def finish(self) -> None:
         """No more messages: the stream ends after what is queued."""
-        self._queue.put_nowait(None)
+        self._put(None)
+
+    def _put(self, item: tuple[pb.StreamResponse, bool] | None) -> None:
+        self._queue.append(item)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
 
     async def __aiter__(self) -> AsyncIterator[pb.StreamResponse]:
-        while (item := await self._queue.get()) is not None:
+        queue = self._queue
+        while True:
+            while not queue:
+                self._ready = self._loop.create_future()
+                await self._ready
+            item = queue.popleft()
+            if item is None:
+                return
             response, is_answer = item
             yield response
             if is_answer:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -52,9 +54,19 @@ async def _run_all(
         await batcher.close()
 
 
-def _batcher(runner: StepRunner, max_batch_size: int = 64, max_delay_ms: float = 0.0) -> Batcher:
+def _batcher(
+    runner: StepRunner,
+    max_batch_size: int = 64,
+    max_delay_ms: float = 0.0,
+    metrics: RecordingMetrics | None = None,
+    inline_max_ms: float = 0.5,
+) -> Batcher:
     return Batcher(
-        runner, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, metrics=RecordingMetrics()
+        runner,
+        max_batch_size=max_batch_size,
+        max_delay_ms=max_delay_ms,
+        inline_max_ms=inline_max_ms,
+        metrics=metrics or RecordingMetrics(),
     )
 
 
@@ -134,7 +146,7 @@ def test_a_runner_error_reaches_its_batch_and_the_worker_goes_on() -> None:
 
 def test_metrics_see_every_chunk_and_batch() -> None:
     metrics = RecordingMetrics()
-    batcher = Batcher(FakeRunner(), max_batch_size=64, max_delay_ms=0, metrics=metrics)
+    batcher = _batcher(FakeRunner(), metrics=metrics)
     asyncio.run(_run_all(batcher, _chunks([2, 2, 3])))
     assert len(metrics.queue_waits) == 3 and all(wait >= 0 for wait in metrics.queue_waits)
     assert [size for size, _ in metrics.batches] == [2, 1]
@@ -150,3 +162,35 @@ def test_close_fails_waiting_chunks_and_refuses_new_ones() -> None:
         return list(await asyncio.gather(waiting, late, return_exceptions=True))
 
     assert all(isinstance(result, ShuttingDownError) for result in asyncio.run(scenario()))
+
+
+class ThreadRecordingRunner(FakeRunner):
+    """Notes the thread each call runs on, and takes `seconds_per_step` per timestep."""
+
+    def __init__(self, seconds_per_step: float) -> None:
+        super().__init__()
+        self.seconds_per_step = seconds_per_step
+        self.threads: list[str] = []
+
+    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.seconds_per_step * x.shape[1])
+        return super().run(x, h, c)
+
+
+def test_short_batches_run_inline_once_timed_and_long_ones_on_the_runner_thread() -> None:
+    async def one_at_a_time(batcher: Batcher, lengths: list[int]) -> None:
+        for x, state in _chunks(lengths):
+            await batcher.run(x, state)
+        await batcher.close()
+
+    # Limits far from the runners' times, so a busy machine cannot move a batch across them.
+    fast = ThreadRecordingRunner(seconds_per_step=0.0)
+    asyncio.run(one_at_a_time(_batcher(fast, inline_max_ms=200), [1, 1, 1]))
+    main = threading.current_thread().name
+    # The first batch of a size is timed on the runner thread; later ones predicted short run on the loop's.
+    assert fast.threads[0].startswith("conveyor-runner") and fast.threads[1:] == [main, main]
+
+    slow = ThreadRecordingRunner(seconds_per_step=0.02)
+    asyncio.run(one_at_a_time(_batcher(slow, inline_max_ms=5), [1, 1, 1]))
+    assert all(name.startswith("conveyor-runner") for name in slow.threads)

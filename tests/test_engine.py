@@ -49,7 +49,7 @@ class Harness:
         self.store = InMemorySessionStore(
             layers=LAYERS, hidden=HIDDEN, fingerprint=SPEC.fingerprint, limits=limits, clock=clock
         )
-        self.batcher = Batcher(runner, max_batch_size=64, max_delay_ms=0, metrics=metrics)
+        self.batcher = Batcher(runner, max_batch_size=64, max_delay_ms=0, inline_max_ms=0.5, metrics=metrics)
         self.engine = Engine(ModelInfo(SPEC, 16, 60), self.store, self.batcher, metrics)
 
     def sample(self, name: str, **labels: str) -> float | None:

@@ -18,6 +18,7 @@ def test_every_field_has_a_conveyor_variable() -> None:
         "CONVEYOR_METRICS_PORT": "6001",
         "CONVEYOR_MAX_BATCH_SIZE": "32",
         "CONVEYOR_MAX_DELAY_MS": "0.5",
+        "CONVEYOR_INLINE_BATCH_MAX_MS": "0",
         "CONVEYOR_MAX_CHUNK_STEPS": "256",
         "CONVEYOR_IDLE_TTL_S": "30",
         "CONVEYOR_SESSION_LIFETIME_S": "3600",
@@ -41,6 +42,7 @@ def test_every_field_has_a_conveyor_variable() -> None:
     )
     assert (config.max_delay_ms, config.idle_ttl_s, config.grace_s) == (0.5, 30.0, 3.0)
     assert config.evict_lru_at_capacity is True and config.ort_intra_op_threads == 2
+    assert config.inline_batch_max_ms == 0
 
 
 def test_defaults_and_overrides() -> None:
@@ -62,6 +64,7 @@ def test_defaults_and_overrides() -> None:
         ({"CONVEYOR_MAX_BATCH_SIZE": "0"}, "max_batch_size .* must be an integer >= 1"),
         ({"CONVEYOR_IDLE_TTL_S": "0"}, "idle_ttl_s .* must be a number of seconds > 0"),
         ({"CONVEYOR_MAX_DELAY_MS": "-1"}, "max_delay_ms .* must be a number >= 0"),
+        ({"CONVEYOR_INLINE_BATCH_MAX_MS": "-0.1"}, "inline_batch_max_ms .* must be a number >= 0"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:

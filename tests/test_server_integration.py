@@ -226,7 +226,8 @@ def test_graceful_stop_drains_in_flight_chunks_and_tells_streams(token_artifact:
     runner = GatedRunner.load(token_artifact)
     x = make_inputs(token_artifact, 6, np.random.default_rng(4))
     with (
-        running(token_artifact, runner=runner) as server,
+        # Every batch on the runner thread: the loop answers health checks and refusals while one is held.
+        running(token_artifact, runner=runner, inline_batch_max_ms=0) as server,
         connect(server) as stub,
         ThreadPoolExecutor(1) as pool,
     ):
