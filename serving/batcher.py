@@ -9,7 +9,7 @@ queue is bounded by the number of live sessions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from serving.runner import StepRunner
 # One chunk's result: y [time, outputs] and the new state (2, layers, hidden) ([0] h, [1] c), both views of
 # the batch's arrays: a caller that keeps one past its use copies it.
 RowResult = tuple[np.ndarray, np.ndarray]
+_Computed = tuple[list[RowResult], float]  # a batch's rows, and its inference seconds
 
 # Where a batch runs. On the runner thread, the event loop keeps reading and answering while ORT runs (it
 # releases the GIL), and a runtime that stalls never stalls the loop. But the hand-off costs two thread
@@ -57,7 +58,12 @@ class _Pending:
 
 
 class Batcher:
-    """Gathers chunks, runs each batch once (short ones inline, others on a thread), answers each caller."""
+    """Gathers chunks, runs each batch once (short ones inline, others on a thread), answers each caller.
+
+    Driven by loop callbacks, not a worker task: a chunk's arrival schedules a flush (`call_soon`, or
+    `call_later` for a delay), which takes what waits and runs it. Each await between tasks costs an
+    event-loop pass, and at one session those passes are most of a chunk's latency.
+    """
 
     def __init__(
         self,
@@ -74,11 +80,10 @@ class Batcher:
         self._inline_max_s = inline_max_ms / 1000  # 0: every batch on the runner thread
         self._metrics = metrics
         self._pending: list[_Pending] = []
-        self._running: list[_Pending] = []
+        self._running: list[_Pending] = []  # the batch on the runner thread; the next waits for it
         # The loop the first chunk arrived on; kept, because asking asyncio for it costs a system call.
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Future[None] | None = None  # the idle worker waits on it
-        self._worker: asyncio.Task[None] | None = None
+        self._flush_due: asyncio.Handle | None = None
         # One thread: batches run one at a time, and chunks arriving meanwhile form the next batch.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-runner")
         self._cost = _BatchCost()
@@ -88,23 +93,17 @@ class Batcher:
         """Run one session's chunk `x` from `state`; returns its outputs [time, outputs] and its new state."""
         if self._closed:
             raise ShuttingDownError()
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-            self._worker = loop.create_task(self._work(), name="conveyor-batcher")
+        loop = self._loop = self._loop or asyncio.get_running_loop()
         item = _Pending(x, state, loop.create_future())
         self._pending.append(item)
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        self._schedule(loop)
         return await item.future
 
-    async def close(self) -> None:
-        """Stop the worker; chunks still waiting or running fail with `ShuttingDownError`."""
+    def close(self) -> None:
+        """Stop batching; chunks still waiting or running fail with `ShuttingDownError`."""
         self._closed = True
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        if self._flush_due is not None:
+            self._flush_due.cancel()
         for item in [*self._pending, *self._running]:
             if not item.future.done():
                 item.future.set_exception(ShuttingDownError())
@@ -112,37 +111,27 @@ class Batcher:
         # No wait: a batch still running (past the grace period) must not hold up the stop.
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _work(self) -> None:
-        while True:
-            if not self._pending:
-                await self._arrival()
-            await self._fill()
-            self._running = self._take()
-            if self._running:
-                await self._run(self._running)
-            self._running = []
-
-    def _arrival(self) -> asyncio.Future[None]:
-        """A future that completes when the next chunk is queued."""
-        assert self._loop is not None  # set by the first `run`, which starts the worker
-        self._wake = self._loop.create_future()
-        return self._wake
-
-    async def _fill(self) -> None:
-        # With a delay, wait (from the oldest chunk's arrival) for the batch to fill. Without one, let the
-        # loop run once first: chunks of requests that have already arrived join this batch, at no added wait.
-        if self._max_delay_s <= 0:
-            await asyncio.sleep(0)
-            return
-        deadline = self._pending[0].enqueued_s + self._max_delay_s
-        while len(self._pending) < self._max_batch_size:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Arrange the next flush: at once (next loop pass), or when the oldest chunk's delay runs out."""
+        if self._running or not self._pending or self._closed:
+            return  # a threaded batch's end schedules the next flush
+        full = len(self._pending) >= self._max_batch_size
+        due = self._flush_due
+        if due is not None:
+            if not (full and isinstance(due, asyncio.TimerHandle)):
                 return
-            try:
-                await asyncio.wait_for(self._arrival(), remaining)
-            except TimeoutError:
-                return
+            due.cancel()  # the batch filled before its delay ran out
+        wait_s = 0.0 if full else self._pending[0].enqueued_s + self._max_delay_s - time.perf_counter()
+        # Next pass, not now: requests that have already arrived get to join the batch, at no added wait.
+        self._flush_due = loop.call_soon(self._flush) if wait_s <= 0 else loop.call_later(wait_s, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = None
+        batch = self._take()
+        if batch:
+            self._start(batch)
+        assert self._loop is not None  # set by the first `run`, which scheduled this flush
+        self._schedule(self._loop)
 
     def _take(self) -> list[_Pending]:
         # The oldest chunk's length picks the group, so no length waits forever behind busier ones.
@@ -159,34 +148,47 @@ class Batcher:
         self._pending = rest
         return batch
 
-    async def _run(self, batch: list[_Pending]) -> None:
-        try:
-            rows = await self._execute(batch)
-        except Exception as exc:  # every caller of the batch gets the failure; the worker goes on
+    def _start(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        for item in batch:
+            self._metrics.observe_queue_wait(started - item.enqueued_s)
+        predicted_s = self._cost.predict(len(batch), len(batch[0].x))
+        if predicted_s is not None and predicted_s < self._inline_max_s:
+            try:
+                computed: _Computed | Exception = self._compute(batch)
+            except Exception as exc:
+                computed = exc
+            self._finish(batch, computed)
+            return
+        assert self._loop is not None
+        self._running = batch
+        running = self._loop.run_in_executor(self._executor, self._compute, batch)
+        running.add_done_callback(functools.partial(self._threaded_done, batch))
+
+    def _threaded_done(self, batch: list[_Pending], running: asyncio.Future[_Computed]) -> None:
+        if self._closed:  # its callers were failed by `close`
+            return
+        self._running = []
+        error = running.exception()
+        self._finish(batch, running.result() if error is None else error)
+        assert self._loop is not None
+        self._schedule(self._loop)
+
+    def _finish(self, batch: list[_Pending], computed: _Computed | BaseException) -> None:
+        """Answer every caller of the batch: its row, or the batch's failure (the batcher goes on)."""
+        if isinstance(computed, BaseException):
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(exc)
+                    item.future.set_exception(computed)
             return
+        rows, inference_s = computed
+        self._cost.update(len(batch), len(batch[0].x), inference_s)
+        self._metrics.observe_batch(len(batch), inference_s)
         for item, row in zip(batch, rows, strict=True):
             if not item.future.done():  # its caller may have gone (cancelled)
                 item.future.set_result(row)
 
-    async def _execute(self, batch: list[_Pending]) -> list[RowResult]:
-        started = time.perf_counter()
-        for item in batch:
-            self._metrics.observe_queue_wait(started - item.enqueued_s)
-        size, steps = len(batch), len(batch[0].x)
-        predicted_s = self._cost.predict(size, steps)
-        if predicted_s is not None and predicted_s < self._inline_max_s:
-            rows, inference_s = self._compute(batch)
-        else:
-            assert self._loop is not None
-            rows, inference_s = await self._loop.run_in_executor(self._executor, self._compute, batch)
-        self._cost.update(size, steps, inference_s)
-        self._metrics.observe_batch(size, inference_s)
-        return rows
-
-    def _compute(self, batch: list[_Pending]) -> tuple[list[RowResult], float]:
+    def _compute(self, batch: list[_Pending]) -> _Computed:
         x = np.stack([item.x for item in batch])  # [B, T] or [B, T, F]
         states = np.stack([item.state for item in batch], axis=2)  # (2, layers, B, hidden)
         started = time.perf_counter()

@@ -64,6 +64,16 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument("--task", required=True, help="language or sensor")
     p.add_argument("--out", type=Path, required=True, help="artifact directory, e.g. artifacts/language")
     p.add_argument("--seed", type=int, default=0)
+    # Sizes and budgets other than the task's own: e.g. a wider model to benchmark the server with.
+    p.add_argument("--hidden-size", type=_positive, help="hidden units (default: the task's, 64)")
+    p.add_argument("--max-steps", type=_positive, help="optimisation steps (default 3000)")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _add_export(sub: Subparsers) -> None:

@@ -28,12 +28,15 @@ def _user_errors(*kinds: type[Exception]) -> Iterator[None]:
 
 def train(args: argparse.Namespace) -> None:
     from training.checkpoint import CheckpointError
+    from training.loop import FitOptions
     from training.tasks import UnknownTaskError
     from training.train import TrainOptions
     from training.train import train as run_training
 
+    fit = FitOptions() if args.max_steps is None else FitOptions(max_steps=args.max_steps)
+    options = TrainOptions(seed=args.seed, hidden_size=args.hidden_size, fit=fit)
     with _user_errors(UnknownTaskError, CheckpointError, OSError):
-        result = run_training(args.task, args.out, TrainOptions(seed=args.seed))
+        result = run_training(args.task, args.out, options)
     print(
         f"trained {args.task} in {result.wall_time_s:.1f} s ({result.steps} steps): "
         f"{result.headline_metric} = {result.headline_value:.4f}; artifact {result.out_dir}"

@@ -67,7 +67,7 @@ class _App:
         await self.engine.close(grace_s)
         self.servicer.close_streams()
         await self.server.stop(_FINAL_GRACE_S)
-        await self.batcher.close()
+        self.batcher.close()
         await asyncio.to_thread(_close_http, self.http)
         self.stopped.set()
 

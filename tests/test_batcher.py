@@ -51,7 +51,7 @@ async def _run_all(
     try:
         return await asyncio.gather(*(batcher.run(x, s) for x, s in chunks), return_exceptions=True)
     finally:
-        await batcher.close()
+        batcher.close()
 
 
 def _batcher(
@@ -97,7 +97,7 @@ def test_a_delay_lets_a_batch_fill_and_no_delay_takes_what_waits() -> None:
         first = asyncio.create_task(batcher.run(*chunks[0]))
         await asyncio.sleep(0.02)  # the first chunk is alone for a while
         await asyncio.gather(first, *(batcher.run(x, s) for x, s in chunks[1:]))
-        await batcher.close()
+        batcher.close()
 
     for max_delay_ms, expected in ((2000.0, [4]), (0.0, [1, 3])):
         runner = FakeRunner()
@@ -136,7 +136,7 @@ def test_a_runner_error_reaches_its_batch_and_the_worker_goes_on() -> None:
             *(batcher.run(x, s) for x, s in _chunks([2, 2])), return_exceptions=True
         )
         later = await batcher.run(*_chunks([2])[0])
-        await batcher.close()
+        batcher.close()
         return failed, later
 
     failed, later = asyncio.run(scenario())
@@ -157,7 +157,7 @@ def test_close_fails_waiting_chunks_and_refuses_new_ones() -> None:
         batcher = _batcher(FakeRunner())
         waiting = asyncio.ensure_future(batcher.run(*_chunks([2])[0]))
         await asyncio.sleep(0)  # the chunk is queued and the worker created, but it has not run yet
-        await batcher.close()
+        batcher.close()
         late = asyncio.ensure_future(batcher.run(*_chunks([2])[0]))
         return list(await asyncio.gather(waiting, late, return_exceptions=True))
 
@@ -182,7 +182,7 @@ def test_short_batches_run_inline_once_timed_and_long_ones_on_the_runner_thread(
     async def one_at_a_time(batcher: Batcher, lengths: list[int]) -> None:
         for x, state in _chunks(lengths):
             await batcher.run(x, state)
-        await batcher.close()
+        batcher.close()
 
     # Limits far from the runners' times, so a busy machine cannot move a batch across them.
     fast = ThreadRecordingRunner(seconds_per_step=0.0)

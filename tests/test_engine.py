@@ -63,7 +63,7 @@ def _run(scenario: Callable[[Harness], Awaitable[_T]], runner: FakeRunner | None
         try:
             return await scenario(harness)
         finally:
-            await harness.batcher.close()
+            harness.batcher.close()
 
     return asyncio.run(main())
 
