@@ -121,9 +121,19 @@ class Batcher:
             if not (full and isinstance(due, asyncio.TimerHandle)):
                 return
             due.cancel()  # the batch filled before its delay ran out
-        wait_s = 0.0 if full else self._pending[0].enqueued_s + self._max_delay_s - time.perf_counter()
-        # Next pass, not now: requests that have already arrived get to join the batch, at no added wait.
-        self._flush_due = loop.call_soon(self._flush) if wait_s <= 0 else loop.call_later(wait_s, self._flush)
+        if full:
+            self._flush_due = loop.call_soon(self._flush)
+        elif self._max_delay_s > 0:
+            wait_s = self._pending[0].enqueued_s + self._max_delay_s - time.perf_counter()
+            self._flush_due = loop.call_later(max(wait_s, 0.0), self._flush)
+        else:
+            self._flush_due = loop.call_soon(self._gather)
+
+    def _gather(self) -> None:
+        # No delay: flush two loop passes on, not one. A request read in the pass that scheduled this starts
+        # its task in the next pass; waiting one more lets the chunks of requests already received join.
+        assert self._loop is not None
+        self._flush_due = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_due = None

@@ -203,7 +203,8 @@ class Engine:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                self._store.sweep()
+                for _ in self._store.sweep():
+                    await asyncio.sleep(0)  # chunks go on between slices of a long sweep
             except Exception:  # a failed sweep must not stop later ones
                 logger.exception("session sweep failed")
 

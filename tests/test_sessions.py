@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from serving.errors import (
     SessionNotFoundError,
     SnapshotModelMismatchError,
 )
-from serving.sessions import EndReason, InMemorySessionStore, Replay, SessionEnd, StoreLimits
+from serving.sessions import SWEEP_SLICE, EndReason, InMemorySessionStore, Replay, SessionEnd, StoreLimits
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -67,13 +68,28 @@ def test_idle_sessions_expire_on_access_and_on_sweep() -> None:
     clock.advance(40)
     store.get("used")  # a use restarts the idle time
     clock.advance(40)
-    store.sweep()
+    list(store.sweep())
     assert [(e.session_id, e.reason, e.steps) for e in ended] == [("idle", EndReason.TTL, 2)]
     clock.advance(61)
     assert store.find("used") is None
     assert ended[-1].session_id == "used" and ended[-1].reason is EndReason.TTL
     with pytest.raises(SessionNotFoundError, match="'used' expired or never started"):
         store.get("used")
+
+
+def test_a_sweep_pauses_between_slices_and_judges_each_session_as_it_is_then() -> None:
+    clock = FakeClock()
+    store, ended = _store(clock, replace(LIMITS, max_sessions=2 * SWEEP_SLICE))
+    for i in range(SWEEP_SLICE + 2):
+        store.put(f"s{i}", _state(0), 1, _replay(), new=True)
+    clock.advance(LIMITS.idle_ttl_s + 1)
+    sweep = store.sweep()
+    next(sweep)
+    assert len(ended) == SWEEP_SLICE  # one slice done, then a pause for other work
+    store.put(f"s{SWEEP_SLICE}", _state(1), 2, _replay(), new=False)  # a chunk ran for it in the pause
+    list(sweep)
+    assert [e.session_id for e in ended[SWEEP_SLICE:]] == [f"s{SWEEP_SLICE + 1}"]
+    assert len(store) == 1
 
 
 def test_the_sweep_drops_replay_caches_past_the_replay_window_and_keeps_lru_order() -> None:
@@ -83,7 +99,7 @@ def test_the_sweep_drops_replay_caches_past_the_replay_window_and_keeps_lru_orde
     store.put("new", _state(0), 1, _replay(), new=True)
     clock.advance(11)
     store.get("new")
-    store.sweep()
+    list(store.sweep())
     assert store.get("new").replay is not None
     assert store.get("old").replay is None and store.get("old").steps == 1 and not ended
     store.get("new")  # "old" was used before "new": it is the one evicted
