@@ -16,8 +16,13 @@ import numpy as np
 
 from serving.batcher import Batcher
 from serving.chunks import Chunk, ChunkResult, ModelInfo, OutputMode, check_session_id, validate
-from serving.errors import OffsetMismatchError, SessionAlreadyExistsError, ShuttingDownError
-from serving.sessions import EndReason, Replay, Session, SessionEnd, SessionStore
+from serving.errors import (
+    OffsetMismatchError,
+    SessionAlreadyExistsError,
+    SessionNotFoundError,
+    ShuttingDownError,
+)
+from serving.sessions import EndReason, Replay, SessionEnd, SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +125,9 @@ class Engine:
     async def _start(self, job: _Job) -> ChunkResult:
         existing = self._store.find(job.session_id)
         if existing is not None:
-            replayed = self._replay(job, existing)
+            replayed = _replayed(job, existing.replay, existing.steps, ended=False)
             if replayed is not None:
+                self._watch(job)
                 return replayed
             if not job.chunk.reset:
                 raise SessionAlreadyExistsError(job.session_id, existing.steps)
@@ -131,18 +137,23 @@ class Engine:
         return await self._apply(job, state, steps, new=True)
 
     async def _continue(self, job: _Job) -> ChunkResult:
-        session = self._store.get(job.session_id)
-        replayed = self._replay(job, session)
+        session = self._store.find(job.session_id)
+        if session is None:
+            return self._replay_ended(job)
+        replayed = _replayed(job, session.replay, session.steps, ended=False)
         if replayed is not None:
+            self._watch(job)
             return replayed
         return await self._apply(job, session.state, session.steps, new=False)
 
-    def _replay(self, job: _Job, session: Session) -> ChunkResult | None:
-        replay = session.replay
-        if replay is None or replay.offset != job.chunk.offset or replay.key != job.key:
-            return None
-        self._watch(job)
-        return ChunkResult(job.session_id, replay.offset, session.steps, replay.outputs, False, replayed=True)
+    def _replay_ended(self, job: _Job) -> ChunkResult:
+        """Answer again the chunk that ended its session (a retry after its response was lost); anything else
+        for a session that is not live is `SessionNotFoundError`."""
+        ended = self._store.ended_replay(job.session_id)
+        replayed = None if ended is None else _replayed(job, ended.replay, ended.steps, ended=True)
+        if replayed is None:
+            raise SessionNotFoundError(job.session_id)
+        return replayed
 
     async def _apply(self, job: _Job, state: np.ndarray, steps: int, *, new: bool) -> ChunkResult:
         chunk = job.chunk
@@ -162,7 +173,7 @@ class Engine:
         self._metrics.chunk_applied(len(chunk.inputs))
         self._watch(job)
         if chunk.end:
-            self._store.end(job.session_id, EndReason.END)
+            self._store.end(job.session_id, EndReason.END, keep_replay=True)
         return ChunkResult(job.session_id, chunk.offset, steps, outputs, chunk.end, replayed=False)
 
     async def _locked(self, session_id: str, operation: Callable[[], _T]) -> _T:
@@ -207,6 +218,13 @@ class Engine:
                     await asyncio.sleep(0)  # chunks go on between slices of a long sweep
             except Exception:  # a failed sweep must not stop later ones
                 logger.exception("session sweep failed")
+
+
+def _replayed(job: _Job, replay: Replay | None, steps: int, *, ended: bool) -> ChunkResult | None:
+    """The cached result when `job` repeats the chunk `replay` records, else None."""
+    if replay is None or replay.offset != job.chunk.offset or replay.key != job.key:
+        return None
+    return ChunkResult(job.session_id, replay.offset, steps, replay.outputs, ended, replayed=True)
 
 
 def _replay_key(chunk: Chunk) -> bytes:

@@ -73,6 +73,14 @@ class Session(NamedTuple):
         return self.slab.view(self.slot)
 
 
+class EndedReplay(NamedTuple):
+    """What a session that ended with its last chunk keeps for a retry of that chunk."""
+
+    replay: Replay
+    steps: int  # the session's final step count
+    ended_s: float  # store clock
+
+
 @dataclass(frozen=True)
 class StoreLimits:
     """The lifecycle limits a store enforces."""
@@ -113,8 +121,12 @@ class SessionStore(Protocol):
         The store keeps a copy of `state`, which may be a view of a larger array (the batcher's rows are).
         """
 
-    def end(self, session_id: str, reason: EndReason) -> SessionEnd:
-        """End a live session now; raises `SessionNotFoundError`."""
+    def end(self, session_id: str, reason: EndReason, *, keep_replay: bool = False) -> SessionEnd:
+        """End a live session now; raises `SessionNotFoundError`. `keep_replay`: it ended with its own last
+        chunk, whose response stays available to `ended_replay` for the replay window."""
+
+    def ended_replay(self, session_id: str) -> EndedReplay | None:
+        """The last chunk's replay of a session ended with `keep_replay`, within the replay window."""
 
     def end_all(self, reason: EndReason) -> None:
         """End every session."""
@@ -165,6 +177,7 @@ class InMemorySessionStore:
         self._limits = limits
         self._clock = clock
         self._sessions: dict[str, Session] = {}
+        self._ended: dict[str, EndedReplay] = {}  # sessions ended by their last chunk, in order of ending
         self._slab = StateSlab(self._shape)
         self._listeners: list[Listener] = []
         self._zeros = np.zeros(self._shape, np.float32)  # shared by every fresh start
@@ -214,6 +227,7 @@ class InMemorySessionStore:
         if new:
             if old is None:
                 self._make_room(session_id)
+                self._ended.pop(session_id, None)  # the id starts over: its old session's replay is void
             created_s = now
         elif old is None:
             raise SessionNotFoundError(session_id)  # ended while its chunk ran
@@ -226,10 +240,23 @@ class InMemorySessionStore:
         self._store(session_id, Session(self._slab, slot, steps, created_s, now, replay))
         return old is None
 
-    def end(self, session_id: str, reason: EndReason) -> SessionEnd:
-        """End a live session now; raises `SessionNotFoundError`."""
-        self.get(session_id)  # expiry first: an expired session ends as expired, not by this call
-        return self._end(session_id, reason)
+    def end(self, session_id: str, reason: EndReason, *, keep_replay: bool = False) -> SessionEnd:
+        """End a live session now; raises `SessionNotFoundError`. `keep_replay`: it ended with its own last
+        chunk, whose response stays available to `ended_replay` for the replay window."""
+        session = self.get(session_id)  # expiry first: an expired session ends as expired, not by this call
+        ended = self._end(session_id, reason)
+        if keep_replay and session.replay is not None:
+            self._ended[session_id] = EndedReplay(session.replay, session.steps, self._clock())
+            if len(self._ended) > self._limits.max_sessions:  # bounded like the live sessions
+                del self._ended[next(iter(self._ended))]
+        return ended
+
+    def ended_replay(self, session_id: str) -> EndedReplay | None:
+        """The last chunk's replay of a session ended with `keep_replay`, within the replay window."""
+        ended = self._ended.get(session_id)
+        if ended is None or self._clock() - ended.ended_s > self._limits.replay_window_s:
+            return None
+        return ended
 
     def end_all(self, reason: EndReason) -> None:
         """End every session."""
@@ -242,6 +269,7 @@ class InMemorySessionStore:
         Yields after each `SWEEP_SLICE` sessions. It visits the sessions live when it began, each looked up
         again when its slice comes: one used or ended in between is judged as it is then.
         """
+        self._forget_ended(self._clock())
         session_ids = list(self._sessions)
         for first in range(0, len(session_ids), SWEEP_SLICE):
             now = self._clock()
@@ -279,6 +307,12 @@ class InMemorySessionStore:
         if now - session.last_used_s > self._limits.idle_ttl_s:
             return EndReason.TTL
         return None
+
+    def _forget_ended(self, now: float) -> None:
+        # Kept in the order they ended: the expired ones are at the front.
+        ended = self._ended
+        while ended and now - next(iter(ended.values())).ended_s > self._limits.replay_window_s:
+            del ended[next(iter(ended))]
 
     def _sweep_one(self, session_id: str, session: Session, now: float) -> None:
         reason = self._expiry(session, now)

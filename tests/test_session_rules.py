@@ -96,6 +96,29 @@ def test_a_repeated_chunk_returns_the_cached_response_without_applying_it_twice(
     assert_continues(token_stub, token_artifact, "retried", x, 9)
 
 
+def test_a_retried_last_chunk_is_answered_again_after_its_session_ended(
+    token_artifact: Path, token_stub: pb_grpc.ConveyorStub
+) -> None:
+    x = sequence(token_artifact)
+    start_session(token_stub, "ending", x[:5])
+    last = token_stub.Step(chunk("ending", x[5:9], 5, end=True), timeout=10)
+    again = token_stub.Step(chunk("ending", x[5:9], 5, end=True), timeout=10)  # its response was lost
+    assert (last.ended, last.replayed, again.ended, again.replayed, again.steps) == (
+        True,
+        False,
+        True,
+        True,
+        9,
+    )
+    assert again.outputs == last.outputs
+    # Only that chunk: anything else for the ended session is NOT_FOUND, and so is the EndSession call.
+    for other in (chunk("ending", x[5:8], 5, end=True), chunk("ending", x[9:], 9)):
+        assert_error(rejected(token_stub.Step, other), Code.NOT_FOUND, "'ending' expired or never started")
+    assert_error(
+        rejected(token_stub.EndSession, pb.EndSessionRequest(session_id="ending")), Code.NOT_FOUND, "'ending'"
+    )
+
+
 def _tensor(dtype: pb.DType.ValueType, shape: list[int], data: bytes) -> pb.Tensor:
     return pb.Tensor(dtype=dtype, shape=shape, data=data)
 

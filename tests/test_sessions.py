@@ -77,6 +77,31 @@ def test_idle_sessions_expire_on_access_and_on_sweep() -> None:
         store.get("used")
 
 
+def test_a_session_ended_by_its_last_chunk_keeps_that_replay_for_the_window_only() -> None:
+    clock = FakeClock()
+    store, _ = _store(clock, replace(LIMITS, replay_window_s=20))
+    for session_id in ("kept", "plain", "reused"):
+        store.put(session_id, _state(0), 7, _replay(3), new=True)
+    store.end("kept", EndReason.END, keep_replay=True)
+    store.end("plain", EndReason.END)
+    store.end("reused", EndReason.END, keep_replay=True)
+    store.put("reused", _state(0), 2, _replay(0), new=True)  # the id starts a new session
+    kept = store.ended_replay("kept")
+    assert kept is not None and (kept.replay.offset, kept.steps) == (3, 7)
+    assert store.ended_replay("plain") is None and store.ended_replay("reused") is None
+    clock.advance(21)
+    list(store.sweep())
+    assert store.ended_replay("kept") is None
+
+
+def test_ended_replays_are_bounded_by_the_session_capacity() -> None:
+    store, _ = _store(FakeClock())  # max_sessions 3
+    for i in range(5):
+        store.put(f"s{i}", _state(0), 1, _replay(), new=True)
+        store.end(f"s{i}", EndReason.END, keep_replay=True)
+    assert [i for i in range(5) if store.ended_replay(f"s{i}") is not None] == [2, 3, 4]
+
+
 def test_a_sweep_pauses_between_slices_and_judges_each_session_as_it_is_then() -> None:
     clock = FakeClock()
     store, ended = _store(clock, replace(LIMITS, max_sessions=2 * SWEEP_SLICE))

@@ -159,7 +159,7 @@ class ChunkRequest(_message.Message):
     """Timesteps the client believes the session has consumed before this chunk (0 for a start). Must equal the
     server's count (else ABORTED, with the server's count in the message). Repeating the last applied chunk with
     its offset returns the cached response without applying it twice, so a retry after a lost response is
-    exactly-once.
+    exactly-once; this holds for the chunk that ended its session too, within the server's replay window.
     """
     start: _builtins.bool
     """Begin the session from zero state (or from snapshot, when set). ALREADY_EXISTS if the session is live."""
