@@ -17,7 +17,7 @@ import numpy as np
 
 from serving._proto.conveyor.v1 import conveyor_pb2 as pb
 from serving.bench.grid import BenchError
-from serving.bench.load import CHANNEL_OPTIONS, Job, inputs_maker, say, stub
+from serving.bench.wire import CHANNEL_OPTIONS, Job, inputs_maker, say, stub
 
 
 async def open_idle(job: Job) -> Job:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import numpy as np
@@ -27,11 +27,7 @@ import numpy as np
 from serving._proto.conveyor.v1 import conveyor_pb2 as pb
 from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
 from serving.bench.grid import BenchError, Cell
-from serving.tensors import encode
-
-# Separate subchannel pools: otherwise grpc shares one connection among channels to the same target.
-CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
-Job = dict[str, Any]
+from serving.bench.wire import CHANNEL_OPTIONS, Job, inputs_maker, say, stub
 
 
 @dataclass
@@ -105,22 +101,6 @@ class _Feed:
         self.credit = inputs.shape[0]
         self._offset += self.credit
         return request
-
-
-def stub(channel: grpc.aio.Channel) -> pb_grpc.ConveyorAsyncStub:
-    """The raw generated stub on an asyncio channel."""
-    return cast("pb_grpc.ConveyorAsyncStub", pb_grpc.ConveyorStub(channel))
-
-
-def inputs_maker(info: pb.ModelInfo, rng: np.random.Generator) -> Callable[[int], pb.Tensor]:
-    """A function of `steps` giving random valid inputs for the model `info` describes."""
-
-    def make(steps: int) -> pb.Tensor:
-        if info.input_kind == "tokens":
-            return encode(rng.integers(0, info.input_size, steps, dtype=np.int64))
-        return encode(rng.standard_normal((steps, info.input_size)).astype(np.float32))
-
-    return make
 
 
 async def _drive(service: pb_grpc.ConveyorAsyncStub, feeds: list[_Feed], window: _Window) -> None:
@@ -238,12 +218,6 @@ def run_load(job: Job, on_start: Callable[[], None], on_stop: Callable[[], None]
     if process.returncode != 0 or result is None:
         raise BenchError(f"the load process failed (exit {process.returncode}; its errors are above)")
     return result
-
-
-def say(word: str) -> None:
-    """Tell the parent process `word` (a line on stdout)."""
-    sys.stdout.write(word + "\n")
-    sys.stdout.flush()
 
 
 def main(argv: list[str]) -> None:

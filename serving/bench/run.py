@@ -12,7 +12,8 @@ from typing import Any
 
 from serving.bench.grid import BenchOptions, Cell, Row, plan, require_model
 from serving.bench.host import Host, HostSpec, hosting
-from serving.bench.load import Job, run_load
+from serving.bench.load import run_load
+from serving.bench.wire import Job
 
 _FIGURES = (
     "timesteps_per_s",
