@@ -67,7 +67,7 @@ export: $(STAMP) ## Export artifacts/language and artifacts/sensor to ONNX (veri
 	$(BIN)/conveyor export artifacts/language
 	$(BIN)/conveyor export artifacts/sensor
 
-experiment: $(STAMP) ## The full LSTM/GRU/RNN gap sweep (about an hour on 2 cores)
+experiment: $(STAMP) ## The full LSTM/GRU/RNN gap sweep (about 30 minutes, one core)
 	$(BIN)/conveyor experiment gap-sweep --out reports/gap_sweep
 
 experiment-quick: $(STAMP) ## A reduced gap sweep (minutes)
