@@ -96,7 +96,7 @@ class Batcher:
         loop = self._loop = self._loop or asyncio.get_running_loop()
         item = _Pending(x, state, loop.create_future())
         self._pending.append(item)
-        self._schedule(loop)
+        self._schedule()
         return await item.future
 
     def close(self) -> None:
@@ -111,7 +111,12 @@ class Batcher:
         # No wait: a batch still running (past the grace period) must not hold up the stop.
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+    @property
+    def _bound_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None  # set by the first `run`, before anything is scheduled
+        return self._loop
+
+    def _schedule(self) -> None:
         """Arrange the next flush: at once (next loop pass), or when the oldest chunk's delay runs out."""
         if self._running or not self._pending or self._closed:
             return  # a threaded batch's end schedules the next flush
@@ -121,6 +126,7 @@ class Batcher:
             if not (full and isinstance(due, asyncio.TimerHandle)):
                 return
             due.cancel()  # the batch filled before its delay ran out
+        loop = self._bound_loop
         if full:
             self._flush_due = loop.call_soon(self._flush)
         elif self._max_delay_s > 0:
@@ -132,16 +138,14 @@ class Batcher:
     def _gather(self) -> None:
         # No delay: flush two loop passes on, not one. A request read in the pass that scheduled this starts
         # its task in the next pass; waiting one more lets the chunks of requests already received join.
-        assert self._loop is not None
-        self._flush_due = self._loop.call_soon(self._flush)
+        self._flush_due = self._bound_loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_due = None
         batch = self._take()
         if batch:
             self._start(batch)
-        assert self._loop is not None  # set by the first `run`, which scheduled this flush
-        self._schedule(self._loop)
+        self._schedule()
 
     def _take(self) -> list[_Pending]:
         # The oldest chunk's length picks the group, so no length waits forever behind busier ones.
@@ -170,9 +174,8 @@ class Batcher:
                 computed = exc
             self._finish(batch, computed)
             return
-        assert self._loop is not None
         self._running = batch
-        running = self._loop.run_in_executor(self._executor, self._compute, batch)
+        running = self._bound_loop.run_in_executor(self._executor, self._compute, batch)
         running.add_done_callback(functools.partial(self._threaded_done, batch))
 
     def _threaded_done(self, batch: list[_Pending], running: asyncio.Future[_Computed]) -> None:
@@ -181,8 +184,7 @@ class Batcher:
         self._running = []
         error = running.exception()
         self._finish(batch, running.result() if error is None else error)
-        assert self._loop is not None
-        self._schedule(self._loop)
+        self._schedule()
 
     def _finish(self, batch: list[_Pending], computed: _Computed | BaseException) -> None:
         """Answer every caller of the batch: its row, or the batch's failure (the batcher goes on)."""
