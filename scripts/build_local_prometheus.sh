@@ -23,4 +23,5 @@ trap 'rm -rf "$context"' EXIT
 cp "$binary" "$context/prometheus"
 cp "$root/docker/prometheus-local.Dockerfile" "$context/Dockerfile"
 docker build --quiet --build-arg BASE_IMAGE="$base" -t "$image" "$context" >/dev/null
-echo "built $image from $("$binary" --version 2>&1 | head -n 1)"
+version=$("$binary" --version 2>&1) # whole, not `| head -n 1`: no SIGPIPE for the binary under pipefail
+echo "built $image from ${version%%$'\n'*}"

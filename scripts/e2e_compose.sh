@@ -101,7 +101,7 @@ check_trainer_failure_blocks_server() {
     trainer_id=$(container_of "$fail_project" trainer)
     [[ -n "$trainer_id" ]] || die "the trainer container was never created" "$output"
     [[ "$(docker inspect -f '{{.State.ExitCode}}' "$trainer_id")" != 0 ]] || die "the trainer exited 0"
-    docker logs "$trainer_id" 2>&1 | grep -q "unknown task" ||
+    log_has "$trainer_id" "unknown task" ||
         die "the trainer's log does not say why it failed" "$(docker logs "$trainer_id" 2>&1 | tail -n 5)"
     server_id=$(container_of "$fail_project" server)
     if [[ -n "$server_id" ]]; then
@@ -111,6 +111,14 @@ check_trainer_failure_blocks_server() {
     fi
     echo "ok: trainer exited $(docker inspect -f '{{.State.ExitCode}}' "$trainer_id") ('unknown task'), server never started"
     "${compose[@]}" -p "$fail_project" "${files[@]}" down -v --remove-orphans >/dev/null 2>&1
+}
+
+# A container's log holds TEXT. Not `docker logs | grep -q`: under pipefail, grep -q exits at its first match,
+# docker logs (a long log: the training progress bar) then dies of SIGPIPE, and the pipeline fails.
+log_has() { # container text
+    local logs
+    logs=$(docker logs "$1" 2>&1)
+    grep -qF -- "$2" <<<"$logs"
 }
 
 expect_refusal() { # description model-dir-on-host expected-phrase
@@ -157,7 +165,7 @@ check_trainer_ran_once() {
     [[ "$(docker inspect -f '{{.State.ExitCode}}' "$trainer_id")" == 0 ]] || die "the trainer did not exit 0"
     expected="artifact ready"
     [[ -n "${CONVEYOR_E2E_ARTIFACT:-}" ]] && expected="skipping training"
-    docker logs "$trainer_id" 2>&1 | grep -q "$expected" ||
+    log_has "$trainer_id" "$expected" ||
         die "the trainer's log lacks '$expected'" "$(docker logs "$trainer_id" 2>&1 | tail -n 5)"
     echo "ok: trainer exited 0 ($expected)"
 }

@@ -39,7 +39,8 @@ echo "downloading wheels into $wheelhouse"
 "$python" -m pip download --quiet --disable-pip-version-check --dest "$wheelhouse" \
     --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 \
     "${platforms[@]}" "${sources[@]}" $wanted
-if find "$wheelhouse" -name 'nvidia_*.whl' -o -name 'triton-*.whl' | grep -q .; then
+# Not `find | grep -q .`: under pipefail, find dies of SIGPIPE once grep has exited, failing the test.
+if [[ -n "$(find "$wheelhouse" \( -name 'nvidia_*.whl' -o -name 'triton-*.whl' \) -print -quit)" ]]; then
     echo "error: the wheelhouse holds CUDA wheels; torch must be the +cpu build" >&2
     exit 1
 fi
