@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SRC := training export serving tests scripts
+SRC := modelcard training export serving tests scripts
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo test prometheus bench e2e-compose lint typecheck proto proto-check train export experiment experiment-quick serve clean

@@ -14,6 +14,7 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 # The sources, gathered in a stage of their own so that the builder takes them in one step.
 FROM ${BASE_IMAGE} AS source
 COPY pyproject.toml README.m[d] /src/
+COPY modelcard/ /src/modelcard/
 COPY serving/ /src/serving/
 COPY training/ /src/training/
 COPY export/ /src/export/
@@ -38,7 +39,7 @@ COPY --from=source /src/ /src/
 RUN set -eu; \
     if [ "$PIP_OFFLINE" = 1 ]; then index="--no-index"; else index=""; fi; \
     /opt/venv/bin/pip install --quiet --no-deps $index --find-links /wheels /src; \
-    /opt/venv/bin/python -c "import serving.server, onnxruntime, grpc_health.v1"; \
+    /opt/venv/bin/python -c "import serving.server.app, onnxruntime, grpc_health.v1"; \
     /opt/venv/bin/conveyor serve --help >/dev/null; \
     if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch must not be in the server image" >&2; exit 1; fi; \
     find /opt/venv -name __pycache__ -prune -exec rm -rf {} +

@@ -9,6 +9,7 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS source
 COPY pyproject.toml README.m[d] /src/
+COPY modelcard/ /src/modelcard/
 COPY serving/ /src/serving/
 COPY training/ /src/training/
 COPY export/ /src/export/

@@ -13,11 +13,10 @@ from export.card import ModelCard, describe
 from export.errors import ExportError
 from export.onnx_export import to_onnx
 from export.verify import TOLERANCE, verify_parity
+from modelcard import CARD_FILE, ONNX_FILE
 from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from training.tasks import UnknownTaskError, get_task
 
-ONNX_FILE = "model.onnx"
-CARD_FILE = "model.json"
 SAMPLE_SEQUENCES = 4  # task sequences verified per export: the batch > 1 case, and its first row alone
 
 

@@ -17,6 +17,7 @@ import torch
 from export.errors import ExportError
 from export.onnx_export import OPSET
 from export.verify import ParityReport
+from modelcard import input_dtype
 from training.checkpoint import Checkpoint
 
 FORMAT_VERSION = 1
@@ -105,4 +106,4 @@ def describe(checkpoint: Checkpoint, name: str) -> ModelCard:
 
 
 def _input_dtype(kind: str) -> str:
-    return "int64" if kind == "tokens" else "float32"
+    return input_dtype(kind).name

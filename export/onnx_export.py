@@ -1,10 +1,6 @@
 """PyTorch `SequenceModel` -> ONNX graph with the recurrent state as explicit inputs and outputs.
 
-Graph signature (what serving validates at load):
-    x   int64 [batch, time] (tokens) | float32 [batch, time, features]
-    h0, c0  float32 [layers, batch, hidden]
- -> y   float32 [batch, time, outputs]
-    hn, cn  float32 [layers, batch, hidden]
+The graph's signature is the artifact contract's (`modelcard`): inputs x, h0, c0; outputs y, hn, cn.
 """
 
 from __future__ import annotations
@@ -19,11 +15,10 @@ import torch
 from torch import nn
 
 from export.errors import ExportError
+from modelcard import INPUT_NAMES, OUTPUT_NAMES
 from training.model import SequenceModel
 
 OPSET = 17
-INPUT_NAMES = ("x", "h0", "c0")
-OUTPUT_NAMES = ("y", "hn", "cn")
 
 # The traced example's sizes. Neither is 1, so the tracer cannot mistake a broadcastable 1 for a fixed size;
 # verification then runs other batch sizes and lengths to prove both axes really are dynamic.
@@ -48,7 +43,8 @@ class _StateAsTensors(nn.Module):
 def _dynamic_axes() -> dict[str, dict[int, str]]:
     sequence = {0: "batch", 1: "time"}  # x, y: (batch, time, ...)
     state = {1: "batch"}  # h, c: (layers, batch, hidden)
-    return {"x": sequence, "y": sequence, "h0": state, "c0": state, "hn": state, "cn": state}
+    (x, *state_inputs), (y, *state_outputs) = INPUT_NAMES, OUTPUT_NAMES
+    return {x: sequence, y: sequence} | {name: state for name in (*state_inputs, *state_outputs)}
 
 
 def _example_inputs(model: SequenceModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

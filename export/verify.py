@@ -12,6 +12,7 @@ import onnxruntime as ort
 import torch
 
 from export.errors import ExportError
+from modelcard import INPUT_NAMES, OUTPUT_NAMES
 from training.model import SequenceModel
 
 TOLERANCE = 1e-5
@@ -56,7 +57,7 @@ def _open_session(onnx_bytes: bytes) -> ort.InferenceSession:
 
 def _run_ort(session: ort.InferenceSession, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> Outputs:
     """One ONNX Runtime call: (x, h0, c0) -> (y, hn, cn)."""
-    y, hn, cn = session.run(["y", "hn", "cn"], {"x": x, "h0": h, "c0": c})
+    y, hn, cn = session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, (x, h, c), strict=True)))
     return y, hn, cn
 
 

@@ -1,9 +1,9 @@
-"""Generate the Python code for protos/ into serving/_proto/, or check that the committed code is current.
+"""Generate protos/' Python code into serving/wire/_proto/, or check that the committed code is current.
 
 protoc writes absolute imports rooted at the proto path (``from conveyor.v1 import ...``); the generated
-package lives inside ``serving``, so those imports are rewritten to ``serving._proto.conveyor.v1``. The files
-are committed so that the serving image needs no grpcio-tools; ``--check`` (run by ``make test``) fails when
-regenerating would change them.
+package lives inside ``serving.wire``, so those imports are rewritten to ``serving.wire._proto.conveyor.v1``.
+The files are committed so that the serving image needs no grpcio-tools; ``--check`` (run by ``make test``)
+fails when regenerating would change them.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-TARGET = ROOT / "serving" / "_proto"
+TARGET = ROOT / "serving" / "wire" / "_proto"
 # mypy-protobuf's plugins are installed beside this interpreter, which need not be on PATH.
 BIN = Path(sys.executable).parent
 IMPORT_FROM = "from conveyor.v1 import"
-IMPORT_TO = "from serving._proto.conveyor.v1 import"
+IMPORT_TO = "from serving.wire._proto.conveyor.v1 import"
 
 
 def generate(out_dir: Path) -> None:

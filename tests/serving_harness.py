@@ -10,7 +10,6 @@ import json
 import queue
 import re
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,14 +20,13 @@ import numpy as np
 import onnxruntime as ort
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
-from serving.config import ServerConfig
-from serving.runner import OnnxStepRunner
-from serving.server import RunningServer, build_server
-from serving.tensors import decode, encode
+from serving.client.scrape import scrape as scrape_url
+from serving.domain.runner import StepRunner
+from serving.server.app import RunningServer, build_server
+from serving.server.config import ServerConfig
+from serving.wire import pb, pb_grpc
+from serving.wire.tensors import decode, encode
 
 TOLERANCE = 1e-5
 
@@ -37,7 +35,7 @@ TOLERANCE = 1e-5
 def running(
     artifact: Path,
     *,
-    runner: OnnxStepRunner | None = None,
+    runner: StepRunner | None = None,
     clock: Callable[[], float] = time.monotonic,
     **overrides: Any,
 ) -> Iterator[RunningServer]:
@@ -63,14 +61,8 @@ def health_status(server: RunningServer, service: str = "") -> int:
 
 def scrape(server: RunningServer) -> tuple[str, dict[str, float]]:
     """GET /metrics: the exposition text, and every sample as `name{labels}` -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return text, samples
+    metrics = scrape_url(f"http://127.0.0.1:{server.metrics_port}/metrics")
+    return metrics.text, metrics.by_key()
 
 
 def card(artifact: Path) -> dict[str, Any]:
@@ -185,40 +177,3 @@ def rejected(call: Callable[..., Any], request: Any) -> grpc.RpcError:
     except grpc.RpcError as error:
         return error
     raise AssertionError(f"expected the call to fail: {request}")
-
-
-class FakeClock:
-    """A clock that moves only when told to: injected as the server's session clock."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward."""
-        self.now_s += seconds
-
-
-class FakeRunner:
-    """A `StepRunner` in numpy for unit tests: rows independent, so batching must not change any row.
-
-    Per step: h = 0.5 h + 0.25 sum(x_t), c = c + h; y_t = h of the last layer. Only exactly rounded float32
-    operations, so a row's result is bitwise the same in any batch.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, int]] = []  # (batch, time) of each run
-
-    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(x [B, T] or [B, T, F], h, c (layers, B, H)) -> (y [B, T, H], hn, cn)."""
-        batch, steps = x.shape[:2]
-        self.calls.append((batch, steps))
-        drive = x.reshape(batch, steps, -1).sum(axis=2, dtype=np.float32)  # [B, T]
-        rows = []
-        for t in range(steps):
-            h = np.float32(0.5) * h + np.float32(0.25) * drive[None, :, t, None]
-            c = c + h
-            rows.append(h[-1])
-        return np.stack(rows, axis=1), h, c

@@ -8,11 +8,11 @@ import time
 
 import numpy as np
 import pytest
-from serving_harness import FakeRunner
+from fakes import FakeRunner
 
-from serving.batcher import Batcher, BatchShapeError, RowResult
-from serving.errors import ShuttingDownError
-from serving.runner import StepRunner
+from serving.domain.batcher import Batcher, BatchShapeError, RowResult
+from serving.domain.errors import ShuttingDownError
+from serving.domain.runner import StepRunner
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -13,11 +13,10 @@ import pytest
 from serving_harness import card, offline
 from serving_harness import sequence as valid_inputs
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
-from serving.aio_client import AsyncConveyorClient, Via, _Stream
 from serving.client import ClientOptions, ConveyorClient, ConveyorError, Outputs, RetryPolicy
-from serving.tensors import decode, encode
+from serving.client.aio import AsyncConveyorClient, Via, _Stream
+from serving.wire import pb, pb_grpc
+from serving.wire.tensors import decode, encode
 
 pytestmark = pytest.mark.timeout(60)
 ATOL = 1e-5

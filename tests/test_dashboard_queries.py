@@ -115,8 +115,8 @@ def stack(token_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """A Conveyor server under load, scraped every second by a Prometheus that evaluates rules.yml."""
     from prometheus_client import CollectorRegistry
 
-    from serving.config import ServerConfig
-    from serving.server import build_server
+    from serving.server.app import build_server
+    from serving.server.config import ServerConfig
 
     config = ServerConfig(model_dir=token_artifact, port=0, metrics_port=0, max_delay_ms=1.0)
     server = build_server(config, registry=CollectorRegistry())

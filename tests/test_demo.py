@@ -1,24 +1,13 @@
-"""The demo's story through a real in-process server, and its latency arithmetic."""
+"""The demo's story through a real in-process server."""
 
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 
 import pytest
 
-from serving.demo import CALLS, DemoOptions, quantile, run_demo
-
-
-def test_quantile_interpolates_within_buckets() -> None:
-    buckets = [(0.001, 50.0), (0.002, 90.0), (0.004, 100.0), (math.inf, 100.0)]
-    assert quantile(buckets, 0.5) == pytest.approx(0.001)
-    assert quantile(buckets, 0.7) == pytest.approx(0.0015)
-    assert quantile(buckets, 0.99) == pytest.approx(0.0038)
-    # Past the last finite bound: that bound, as Prometheus answers.
-    assert quantile([(0.001, 0.0), (math.inf, 4.0)], 0.5) == pytest.approx(0.001)
-    assert math.isnan(quantile([(math.inf, 0.0)], 0.5))
+from serving.cli.demo import CALLS, DemoOptions, run_demo
 
 
 @pytest.mark.timeout(60)

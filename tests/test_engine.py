@@ -9,34 +9,22 @@ from typing import TypeVar
 
 import numpy as np
 import pytest
+from fakes import FAKE_HIDDEN, FAKE_LAYERS, FAKE_SPEC, FAKE_VOCABULARY, FakeClock, FakeRunner
 from prometheus_client import CollectorRegistry
-from serving_harness import FakeClock, FakeRunner
 
-from serving.batcher import Batcher
-from serving.chunks import Chunk, ModelInfo
-from serving.engine import Engine
-from serving.errors import OffsetMismatchError, ShuttingDownError
-from serving.metrics import ConveyorMetrics
-from serving.runner import ModelSpec
-from serving.sessions import EndReason, InMemorySessionStore, SessionEnd, StoreLimits
+from serving.domain.batcher import Batcher
+from serving.domain.chunks import Chunk, ServedModel
+from serving.domain.engine import Engine
+from serving.domain.errors import OffsetMismatchError, ShuttingDownError
+from serving.domain.sessions.lifecycle import SessionLimits, Sessions
+from serving.domain.sessions.memory import InMemorySessionStore
+from serving.domain.sessions.store import EndReason, SessionEnd
+from serving.server.metrics import ConveyorMetrics
 
 pytestmark = pytest.mark.timeout(30)
 
 _T = TypeVar("_T")
-LAYERS, HIDDEN, VOCABULARY = 2, 3, 50
-SPEC = ModelSpec(
-    name="fake",
-    task="fake",
-    input_kind="tokens",
-    input_size=VOCABULARY,
-    output_size=HIDDEN,
-    output_meaning="the last layer's h",
-    output_labels=("a", "b", "c"),
-    vocabulary=tuple(f"w{i}" for i in range(VOCABULARY)),
-    layers=LAYERS,
-    hidden=HIDDEN,
-    fingerprint="ef" * 32,
-)
+LAYERS, HIDDEN, VOCABULARY = FAKE_LAYERS, FAKE_HIDDEN, FAKE_VOCABULARY
 
 
 class Harness:
@@ -45,12 +33,11 @@ class Harness:
     def __init__(self, runner: FakeRunner, clock: FakeClock) -> None:
         self.registry = CollectorRegistry()
         metrics = ConveyorMetrics(self.registry)
-        limits = StoreLimits(idle_ttl_s=60, lifetime_s=3600, max_sessions=100, evict_lru=False)
-        self.store = InMemorySessionStore(
-            layers=LAYERS, hidden=HIDDEN, fingerprint=SPEC.fingerprint, limits=limits, clock=clock
-        )
+        limits = SessionLimits(idle_ttl_s=60, lifetime_s=3600, max_sessions=100, evict_lru=False)
+        model = ServedModel(FAKE_SPEC, 16, 60)
+        self.sessions = Sessions(InMemorySessionStore(model.state_shape), limits, clock=clock)
         self.batcher = Batcher(runner, max_batch_size=64, max_delay_ms=0, inline_max_ms=0.5, metrics=metrics)
-        self.engine = Engine(ModelInfo(SPEC, 16, 60), self.store, self.batcher, metrics)
+        self.engine = Engine(model, self.sessions, self.batcher, metrics)
 
     def sample(self, name: str, **labels: str) -> float | None:
         return self.registry.get_sample_value(name, labels)
@@ -106,7 +93,7 @@ def test_a_failed_run_leaves_the_session_as_it_was() -> None:
         with pytest.raises(RuntimeError):
             await h.engine.step(Chunk("atomic", X[5:], 5))
         runner.broken = False
-        assert h.store.get("atomic").steps == 5
+        assert (await h.sessions.get("atomic")).steps == 5
         second = await h.engine.step(Chunk("atomic", X[5:], 5))
         return np.concatenate([first.outputs, second.outputs])
 
@@ -163,7 +150,7 @@ def test_close_lets_in_flight_chunks_finish_then_ends_every_session() -> None:
 
     async def scenario(h: Harness) -> list[SessionEnd]:
         ended: list[SessionEnd] = []
-        h.store.add_listener(ended.append)
+        h.sessions.add_listener(ended.append)
         in_flight = asyncio.create_task(h.engine.step(Chunk("busy", X[:4], 0, start=True)))
         await asyncio.to_thread(runner.entered.wait, 10)
         closing = asyncio.create_task(h.engine.close(grace_s=10))
@@ -189,7 +176,7 @@ def test_a_chunk_still_running_after_the_grace_period_is_not_committed() -> None
         runner.gate.set()
         with pytest.raises(ShuttingDownError):
             await in_flight
-        assert len(h.store) == 0
+        assert len(h.sessions) == 0
 
     _run(scenario, runner)
 
@@ -200,7 +187,7 @@ def test_the_sweeper_ends_expired_sessions_unprompted() -> None:
     async def scenario(h: Harness) -> list[SessionEnd]:
         notices: list[SessionEnd] = []
         await h.engine.step(Chunk("forgotten", X[:2], 0, start=True), notices.append)
-        h.engine.start_sweeper(0.005)
+        h.sessions.start_sweeper(0.005)
         clock.advance(61)
         while not notices:
             await asyncio.sleep(0.005)

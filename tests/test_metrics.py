@@ -1,7 +1,9 @@
-"""The metrics module on a fresh registry each test, and the per-RPC interceptor on a real server."""
+"""The metrics module on a fresh registry each test, the per-RPC interceptor on a real server, and the
+quantile arithmetic of the /metrics reader."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +11,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from serving_harness import RawStream, chunk, connect, make_inputs, rejected, running, scrape
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving.metrics import LATENCY_BUCKETS_S, ConveyorMetrics
+from serving.client.scrape import histogram_quantile
+from serving.server.metrics import LATENCY_BUCKETS_S, ConveyorMetrics
+from serving.wire import pb
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -24,7 +27,7 @@ def test_every_report_lands_in_its_metric() -> None:
     registry = CollectorRegistry()
     metrics = ConveyorMetrics(registry)
     metrics.set_model("language", "f00d")
-    metrics.track_sessions(lambda: 3, lambda: 768, 100)
+    metrics.track_sessions(lambda: 3, 256, 100)
     metrics.observe_queue_wait(0.0002)
     metrics.observe_batch(8, 0.0004)
     metrics.session_started()
@@ -86,3 +89,13 @@ def test_the_interceptor_records_each_rpc_with_its_status_code(token_artifact: P
     assert samples[stream_count] == 1
     assert samples['conveyor_chunk_errors_total{code="ALREADY_EXISTS"}'] == 1
     assert samples['conveyor_chunk_errors_total{code="NOT_FOUND"}'] == 1
+
+
+def test_quantile_interpolates_within_buckets() -> None:
+    buckets = [(0.001, 50.0), (0.002, 90.0), (0.004, 100.0), (math.inf, 100.0)]
+    assert histogram_quantile(buckets, 0.5) == pytest.approx(0.001)
+    assert histogram_quantile(buckets, 0.7) == pytest.approx(0.0015)
+    assert histogram_quantile(buckets, 0.99) == pytest.approx(0.0038)
+    # Past the last finite bound: that bound, as Prometheus answers.
+    assert histogram_quantile([(0.001, 0.0), (math.inf, 4.0)], 0.5) == pytest.approx(0.001)
+    assert math.isnan(histogram_quantile([(math.inf, 0.0)], 0.5))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.config import ConfigError, ServerConfig
+from serving.server.config import ConfigError, ServerConfig
 
 
 def test_every_field_has_a_conveyor_variable() -> None:

@@ -38,12 +38,12 @@ from serving_harness import (
     scrape,
 )
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
-from serving.config import ServerConfig
-from serving.errors import ModelLoadError
-from serving.runner import Arrays, OnnxStepRunner
-from serving.server import RunningServer, build_server
+from serving.domain.errors import ModelLoadError
+from serving.domain.runner import Arrays
+from serving.server.app import RunningServer, build_server
+from serving.server.config import ServerConfig
+from serving.server.onnx_runner import OnnxStepRunner
+from serving.wire import pb, pb_grpc
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -286,8 +286,8 @@ def test_taken_ports_are_reported_readably(token_artifact: Path) -> None:
 
 _SERVE = """
 import logging, os
-from serving.config import ServerConfig
-from serving.server import serve
+from serving.server.config import ServerConfig
+from serving.server.app import serve
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 serve(ServerConfig.from_env(os.environ))
 """

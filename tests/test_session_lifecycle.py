@@ -8,8 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fakes import FakeClock
 from serving_harness import (
-    FakeClock,
     RawStream,
     assert_close,
     assert_continues,
@@ -24,9 +24,8 @@ from serving_harness import (
     start_session,
 )
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
-from serving.server import RunningServer
+from serving.server.app import RunningServer
+from serving.wire import pb, pb_grpc
 
 pytestmark = pytest.mark.timeout(60)
 Code = grpc.StatusCode

@@ -25,10 +25,9 @@ from serving_harness import (
     start_session,
 )
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
-from serving.errors import ConveyorError, InvalidChunkError, OffsetMismatchError, ShuttingDownError
-from serving.service import STATUS_CODES, status_for
+from serving.domain.errors import InvalidChunkError, OffsetMismatchError, ServingError, ShuttingDownError
+from serving.server.translate import STATUS_CODES, status_for
+from serving.wire import pb, pb_grpc
 
 pytestmark = pytest.mark.timeout(60)
 Code = grpc.StatusCode
@@ -253,8 +252,8 @@ def test_every_domain_error_has_one_status_code_and_the_unexpected_are_internal(
     assert status_for(OffsetMismatchError("s", 1, 2)) == (Code.ABORTED, str(OffsetMismatchError("s", 1, 2)))
     assert status_for(InvalidChunkError("bad")) == (Code.INVALID_ARGUMENT, "bad")
     assert status_for(ShuttingDownError())[0] == Code.UNAVAILABLE
-    assert all(issubclass(kind, ConveyorError) for kind in STATUS_CODES)
-    with caplog.at_level(logging.ERROR, logger="serving.service"):
+    assert all(issubclass(kind, ServingError) for kind in STATUS_CODES)
+    with caplog.at_level(logging.ERROR, logger="serving.server.service"):
         code, message = status_for(KeyError("secret internals"))
     assert code == Code.INTERNAL and "secret" not in message
     assert "secret internals" in caplog.text and caplog.records[0].exc_info is not None

@@ -1,38 +1,57 @@
-"""The in-memory session store with an injected clock: lifecycle, capacity, snapshots, memory per session."""
+"""Sessions: the lifecycle over the in-memory store with an injected clock (expiry, capacity, replays), the
+snapshot codec, and memory per session."""
 
 from __future__ import annotations
 
+import asyncio
 import tracemalloc
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
-from serving_harness import FakeClock
+from fakes import FakeClock
 
-from serving.errors import (
+from serving.domain.errors import (
     CapacityExceededError,
     InvalidSnapshotError,
     SessionNotFoundError,
     SnapshotModelMismatchError,
 )
-from serving.sessions import SWEEP_SLICE, EndReason, InMemorySessionStore, Replay, SessionEnd, StoreLimits
+from serving.domain.sessions.lifecycle import SessionLimits, Sessions
+from serving.domain.sessions.memory import SWEEP_SLICE, InMemorySessionStore
+from serving.domain.sessions.snapshots import SnapshotCodec
+from serving.domain.sessions.store import EndReason, Replay, Session, SessionEnd
 
 pytestmark = pytest.mark.timeout(30)
 
 LAYERS, HIDDEN = 2, 8
 FINGERPRINT = "ab" * 32
-LIMITS = StoreLimits(idle_ttl_s=60, lifetime_s=3600, max_sessions=3, evict_lru=False)
+LIMITS = SessionLimits(idle_ttl_s=60, lifetime_s=3600, max_sessions=3, evict_lru=False)
 
 
-def _store(
-    clock: FakeClock, limits: StoreLimits = LIMITS, hidden: int = HIDDEN, fingerprint: str = FINGERPRINT
-) -> tuple[InMemorySessionStore, list[SessionEnd]]:
-    store = InMemorySessionStore(
-        layers=LAYERS, hidden=hidden, fingerprint=fingerprint, limits=limits, clock=clock
-    )
-    ended: list[SessionEnd] = []
-    store.add_listener(ended.append)
-    return store, ended
+class Lifecycle:
+    """`Sessions` over a fresh in-memory store, and every end it told."""
+
+    def __init__(self, clock: FakeClock, limits: SessionLimits = LIMITS) -> None:
+        self.store = InMemorySessionStore((2, LAYERS, HIDDEN))
+        self.sessions = Sessions(self.store, limits, clock=clock)
+        self.ended: list[SessionEnd] = []
+        self.sessions.add_listener(self.ended.append)
+
+    async def start(self, session_id: str, steps: int, value: float = 0.0, offset: int = 0) -> bool:
+        """Commit a new session (True when created)."""
+        return await self.sessions.commit(session_id, None, _state(value), steps, _replay(offset))
+
+    async def advance(self, session_id: str, steps: int, value: float = 0.0, offset: int = 0) -> None:
+        """Commit the next chunk of a live session."""
+        previous = await self.sessions.get(session_id)
+        await self.sessions.commit(session_id, previous, _state(value), steps, _replay(offset))
+
+
+def _run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(scenario())
 
 
 def _state(value: float, hidden: int = HIDDEN) -> np.ndarray:
@@ -43,176 +62,231 @@ def _replay(offset: int = 0) -> Replay:
     return Replay(b"k" * 16, offset, np.zeros((1, 4), np.float32))
 
 
-def test_put_then_get_returns_a_read_only_state_and_counts() -> None:
-    store, _ = _store(FakeClock())
-    assert store.put("a", _state(1.0), 5, _replay(), new=True) is True
-    session = store.get("a")
-    assert session.steps == 5 and np.array_equal(session.state, _state(1.0))
-    assert not session.state.flags.writeable
-    assert store.put("a", _state(2.0), 9, _replay(5), new=False) is False
-    assert store.get("a").steps == 9 and len(store) == 1
-    assert store.state_bytes() == 2 * LAYERS * HIDDEN * 4
+def test_commit_then_get_returns_a_read_only_state_and_counts() -> None:
+    async def scenario() -> None:
+        life = Lifecycle(FakeClock())
+        assert await life.start("a", 5, 1.0) is True
+        session = await life.sessions.get("a")
+        assert session.steps == 5 and np.array_equal(session.state, _state(1.0))
+        assert not session.state.flags.writeable
+        assert await life.sessions.commit("a", session, _state(2.0), 9, _replay(5)) is False
+        assert (await life.sessions.get("a")).steps == 9 and len(life.sessions) == 1
+
+    _run(scenario)
 
 
 def test_initial_state_is_zeros_at_step_zero() -> None:
-    store, _ = _store(FakeClock())
-    state, steps = store.initial(b"")
+    state, steps = SnapshotCodec(FINGERPRINT, (2, LAYERS, HIDDEN)).initial(b"")
     assert steps == 0 and state.shape == (2, LAYERS, HIDDEN) and not state.any()
 
 
 def test_idle_sessions_expire_on_access_and_on_sweep() -> None:
     clock = FakeClock()
-    store, ended = _store(clock)
-    store.put("used", _state(0), 1, _replay(), new=True)
-    store.put("idle", _state(0), 2, _replay(), new=True)
-    clock.advance(40)
-    store.get("used")  # a use restarts the idle time
-    clock.advance(40)
-    list(store.sweep())
-    assert [(e.session_id, e.reason, e.steps) for e in ended] == [("idle", EndReason.TTL, 2)]
-    clock.advance(61)
-    assert store.find("used") is None
-    assert ended[-1].session_id == "used" and ended[-1].reason is EndReason.TTL
-    with pytest.raises(SessionNotFoundError, match="'used' expired or never started"):
-        store.get("used")
+
+    async def scenario() -> None:
+        life = Lifecycle(clock)
+        await life.start("used", 1)
+        await life.start("idle", 2)
+        clock.advance(40)
+        await life.sessions.get("used")  # a use restarts the idle time
+        clock.advance(40)
+        await life.sessions.sweep()
+        assert [(e.session_id, e.reason, e.steps) for e in life.ended] == [("idle", EndReason.TTL, 2)]
+        clock.advance(61)
+        assert await life.sessions.find("used") is None
+        assert life.ended[-1].session_id == "used" and life.ended[-1].reason is EndReason.TTL
+        with pytest.raises(SessionNotFoundError, match="'used' expired or never started"):
+            await life.sessions.get("used")
+
+    _run(scenario)
 
 
 def test_a_session_ended_by_its_last_chunk_keeps_that_replay_for_the_window_only() -> None:
     clock = FakeClock()
-    store, _ = _store(clock, replace(LIMITS, replay_window_s=20))
-    for session_id in ("kept", "plain", "reused"):
-        store.put(session_id, _state(0), 7, _replay(3), new=True)
-    store.end("kept", EndReason.END, keep_replay=True)
-    store.end("plain", EndReason.END)
-    store.end("reused", EndReason.END, keep_replay=True)
-    store.put("reused", _state(0), 2, _replay(0), new=True)  # the id starts a new session
-    kept = store.ended_replay("kept")
-    assert kept is not None and (kept.replay.offset, kept.steps) == (3, 7)
-    assert store.ended_replay("plain") is None and store.ended_replay("reused") is None
-    clock.advance(21)
-    list(store.sweep())
-    assert store.ended_replay("kept") is None
+
+    async def scenario() -> None:
+        life = Lifecycle(clock, replace(LIMITS, replay_window_s=20))
+        for session_id in ("kept", "plain", "reused"):
+            await life.start(session_id, 7, offset=3)
+        await life.sessions.end("kept", EndReason.END, keep_replay=True)
+        await life.sessions.end("plain", EndReason.END)
+        await life.sessions.end("reused", EndReason.END, keep_replay=True)
+        await life.start("reused", 2)  # the id starts a new session
+        kept = life.sessions.ended_replay("kept")
+        assert kept is not None and (kept.replay.offset, kept.steps) == (3, 7)
+        assert life.sessions.ended_replay("plain") is None and life.sessions.ended_replay("reused") is None
+        clock.advance(21)
+        await life.sessions.sweep()
+        assert life.sessions.ended_replay("kept") is None
+
+    _run(scenario)
 
 
 def test_ended_replays_are_bounded_by_the_session_capacity() -> None:
-    store, _ = _store(FakeClock())  # max_sessions 3
-    for i in range(5):
-        store.put(f"s{i}", _state(0), 1, _replay(), new=True)
-        store.end(f"s{i}", EndReason.END, keep_replay=True)
-    assert [i for i in range(5) if store.ended_replay(f"s{i}") is not None] == [2, 3, 4]
+    async def scenario() -> None:
+        life = Lifecycle(FakeClock())  # max_sessions 3
+        for i in range(5):
+            await life.start(f"s{i}", 1)
+            await life.sessions.end(f"s{i}", EndReason.END, keep_replay=True)
+        assert [i for i in range(5) if life.sessions.ended_replay(f"s{i}") is not None] == [2, 3, 4]
+
+    _run(scenario)
 
 
 def test_a_sweep_pauses_between_slices_and_judges_each_session_as_it_is_then() -> None:
     clock = FakeClock()
-    store, ended = _store(clock, replace(LIMITS, max_sessions=2 * SWEEP_SLICE))
-    for i in range(SWEEP_SLICE + 2):
-        store.put(f"s{i}", _state(0), 1, _replay(), new=True)
-    clock.advance(LIMITS.idle_ttl_s + 1)
-    sweep = store.sweep()
-    next(sweep)
-    assert len(ended) == SWEEP_SLICE  # one slice done, then a pause for other work
-    store.put(f"s{SWEEP_SLICE}", _state(1), 2, _replay(), new=False)  # a chunk ran for it in the pause
-    list(sweep)
-    assert [e.session_id for e in ended[SWEEP_SLICE:]] == [f"s{SWEEP_SLICE + 1}"]
-    assert len(store) == 1
+
+    async def scenario() -> None:
+        life = Lifecycle(clock, replace(LIMITS, max_sessions=2 * SWEEP_SLICE))
+        for i in range(SWEEP_SLICE + 2):
+            await life.start(f"s{i}", 1)
+        running = await life.sessions.get(f"s{SWEEP_SLICE}")  # a chunk for it begins
+        clock.advance(LIMITS.idle_ttl_s + 1)
+        sweep = asyncio.get_running_loop().create_task(life.sessions.sweep())
+        await asyncio.sleep(0)
+        assert len(life.ended) == SWEEP_SLICE  # one slice done, then a pause for other work
+        # The chunk is committed in the pause.
+        await life.sessions.commit(f"s{SWEEP_SLICE}", running, _state(1.0), 2, _replay())
+        await sweep
+        assert [e.session_id for e in life.ended[SWEEP_SLICE:]] == [f"s{SWEEP_SLICE + 1}"]
+        assert len(life.sessions) == 1
+
+    _run(scenario)
 
 
 def test_the_sweep_drops_replay_caches_past_the_replay_window_and_keeps_lru_order() -> None:
     clock = FakeClock()
-    store, ended = _store(clock, StoreLimits(60, 3600, 3, evict_lru=True, replay_window_s=10))
-    store.put("old", _state(0), 1, _replay(), new=True)
-    store.put("new", _state(0), 1, _replay(), new=True)
-    clock.advance(11)
-    store.get("new")
-    list(store.sweep())
-    assert store.get("new").replay is not None
-    assert store.get("old").replay is None and store.get("old").steps == 1 and not ended
-    store.get("new")  # "old" was used before "new": it is the one evicted
-    store.put("a", _state(0), 1, _replay(), new=True)
-    store.put("b", _state(0), 1, _replay(), new=True)
-    assert [e.session_id for e in ended] == ["old"]
+
+    async def scenario() -> None:
+        life = Lifecycle(clock, SessionLimits(60, 3600, 3, evict_lru=True, replay_window_s=10))
+        await life.start("old", 1)
+        await life.start("new", 1)
+        clock.advance(11)
+        await life.sessions.get("new")
+        await life.sessions.sweep()
+        assert (await life.sessions.get("new")).replay is not None
+        old = await life.sessions.get("old")
+        assert old.replay is None and old.steps == 1 and not life.ended
+        await life.sessions.get("new")  # "old" was used before "new": it is the one evicted
+        await life.start("a", 1)
+        await life.start("b", 1)
+        assert [e.session_id for e in life.ended] == ["old"]
+
+    _run(scenario)
 
 
 def test_sessions_end_at_their_lifetime_however_busy() -> None:
     clock = FakeClock()
-    store, ended = _store(clock)
-    store.put("busy", _state(0), 1, _replay(), new=True)
-    uses = 0
-    while store.find("busy") is not None:
-        clock.advance(59)
-        uses += 1
-    assert uses == 62  # 62 * 59 s is the first age past the 3600 s lifetime
-    assert [(e.reason, e.duration_s) for e in ended] == [(EndReason.LIFETIME, 62 * 59)]
+
+    async def scenario() -> None:
+        life = Lifecycle(clock)
+        await life.start("busy", 1)
+        uses = 0
+        while await life.sessions.find("busy") is not None:
+            clock.advance(59)
+            uses += 1
+        assert uses == 62  # 62 * 59 s is the first age past the 3600 s lifetime
+        assert [(e.reason, e.duration_s) for e in life.ended] == [(EndReason.LIFETIME, 62 * 59)]
+
+    _run(scenario)
 
 
 def test_at_capacity_a_new_session_is_refused() -> None:
-    store, _ = _store(FakeClock())
-    for name in "abc":
-        store.put(name, _state(0), 1, _replay(), new=True)
-    with pytest.raises(CapacityExceededError, match="capacity of 3 sessions"):
-        store.check_capacity("d")
-    with pytest.raises(CapacityExceededError):
-        store.put("d", _state(0), 1, _replay(), new=True)
-    store.check_capacity("a")  # a restart of a live session takes no extra room
-    store.put("a", _state(0), 1, _replay(), new=True)
-    assert len(store) == 3
+    async def scenario() -> None:
+        life = Lifecycle(FakeClock())
+        for name in "abc":
+            await life.start(name, 1)
+        with pytest.raises(CapacityExceededError, match="capacity of 3 sessions"):
+            life.sessions.check_capacity()
+        with pytest.raises(CapacityExceededError):
+            await life.start("d", 1)
+        previous = await life.sessions.get("a")  # a restart of a live session takes no extra room
+        await life.sessions.commit("a", previous, _state(0), 1, _replay(), restart=True)
+        assert len(life.sessions) == 3
+
+    _run(scenario)
 
 
 def test_at_capacity_the_least_recently_used_session_can_be_evicted() -> None:
-    store, ended = _store(FakeClock(), StoreLimits(60, 3600, 3, evict_lru=True))
-    for name in "abc":
-        store.put(name, _state(0), 1, _replay(), new=True)
-    store.get("a")
-    store.check_capacity("d")
-    store.put("d", _state(0), 1, _replay(), new=True)
-    assert [(e.session_id, e.reason) for e in ended] == [("b", EndReason.CAPACITY)]
-    assert store.find("b") is None and store.find("a") is not None
+    async def scenario() -> None:
+        life = Lifecycle(FakeClock(), SessionLimits(60, 3600, 3, evict_lru=True))
+        for name in "abc":
+            await life.start(name, 1)
+        await life.sessions.get("a")
+        life.sessions.check_capacity()
+        await life.start("d", 1)
+        assert [(e.session_id, e.reason) for e in life.ended] == [("b", EndReason.CAPACITY)]
+        assert await life.sessions.find("b") is None and await life.sessions.find("a") is not None
+
+    _run(scenario)
 
 
 def test_committing_a_session_that_ended_meanwhile_is_not_found() -> None:
-    store, _ = _store(FakeClock())
-    store.put("gone", _state(0), 1, _replay(), new=True)
-    assert store.end("gone", EndReason.END).steps == 1
-    with pytest.raises(SessionNotFoundError):
-        store.put("gone", _state(0), 2, _replay(1), new=False)
+    async def scenario() -> None:
+        life = Lifecycle(FakeClock())
+        await life.start("gone", 1)
+        previous = await life.sessions.get("gone")
+        assert (await life.sessions.end("gone", EndReason.END)).steps == 1
+        with pytest.raises(SessionNotFoundError):
+            await life.sessions.commit("gone", previous, _state(0), 2, _replay(1))
+
+    _run(scenario)
+
+
+def test_a_stale_copy_is_never_committed() -> None:
+    """The compare-and-set: a successor of a session that has moved on since is refused, nothing written."""
+
+    async def scenario() -> None:
+        life = Lifecycle(FakeClock())
+        await life.start("raced", 1)
+        stale = await life.sessions.get("raced")
+        await life.advance("raced", 2, 1.0, offset=1)
+        with pytest.raises(SessionNotFoundError):
+            await life.sessions.commit("raced", stale, _state(9.0), 2, _replay(1))
+        current = await life.sessions.get("raced")
+        assert current.steps == 2 and np.array_equal(current.state, _state(1.0))
+        assert await life.store.replace("raced", current, steps=1) is False
+        assert await life.store.create("raced", current) is False
+
+    _run(scenario)
 
 
 def test_end_all_tells_listeners_with_the_reason() -> None:
-    store, ended = _store(FakeClock())
-    store.put("x", _state(0), 3, _replay(), new=True)
-    store.put("y", _state(0), 4, _replay(), new=True)
-    store.end_all(EndReason.SHUTDOWN)
-    assert len(store) == 0 and {(e.session_id, e.reason) for e in ended} == {
-        ("x", EndReason.SHUTDOWN),
-        ("y", EndReason.SHUTDOWN),
-    }
+    async def scenario() -> None:
+        life = Lifecycle(FakeClock())
+        await life.start("x", 3)
+        await life.start("y", 4)
+        await life.sessions.end_all(EndReason.SHUTDOWN)
+        assert len(life.sessions) == 0 and {(e.session_id, e.reason) for e in life.ended} == {
+            ("x", EndReason.SHUTDOWN),
+            ("y", EndReason.SHUTDOWN),
+        }
+
+    _run(scenario)
+
+
+def _codec(fingerprint: str = FINGERPRINT, hidden: int = HIDDEN) -> SnapshotCodec:
+    return SnapshotCodec(fingerprint, (2, LAYERS, hidden))
 
 
 def test_a_snapshot_restores_state_and_steps() -> None:
-    source, _ = _store(FakeClock())
     state = np.random.default_rng(0).standard_normal((2, LAYERS, HIDDEN)).astype(np.float32)
-    source.put("s", state, 42, _replay(), new=True)
-    blob, steps = source.snapshot("s")
-    target, _ = _store(FakeClock())
-    restored, restored_steps = target.initial(blob)
-    assert (steps, restored_steps) == (42, 42) and np.array_equal(restored, state)
+    blob = _codec().encode(state, 42)
+    restored, restored_steps = _codec().initial(blob)
+    assert restored_steps == 42 and np.array_equal(restored, state)
 
 
 def test_a_snapshot_of_another_model_is_refused_as_such() -> None:
-    source, _ = _store(FakeClock(), fingerprint="cd" * 32)
-    source.put("s", _state(1), 3, _replay(), new=True)
-    blob, _ = source.snapshot("s")
-    target, _ = _store(FakeClock())
+    blob = _codec(fingerprint="cd" * 32).encode(_state(1), 3)
     with pytest.raises(
         SnapshotModelMismatchError, match="taken on model cdcdcdcdcdcd but this server runs abab"
     ):
-        target.initial(blob)
+        _codec().initial(blob)
 
 
 def test_damaged_or_foreign_snapshots_are_invalid() -> None:
-    store, _ = _store(FakeClock())
-    store.put("s", _state(1), 3, _replay(), new=True)
-    blob, _ = store.snapshot("s")
+    codec = _codec()
+    blob = codec.encode(_state(1), 3)
     flipped = bytearray(blob)
     flipped[-10] ^= 0xFF
     version_2 = blob[:7] + b"\x02" + blob[8:]
@@ -225,13 +299,12 @@ def test_damaged_or_foreign_snapshots_are_invalid() -> None:
     }
     for bad, message in cases.items():
         if message is None:
-            assert store.initial(bad)[1] == 0
+            assert codec.initial(bad)[1] == 0
             continue
         with pytest.raises(InvalidSnapshotError, match=message):
-            store.initial(bad)
-    wider, _ = _store(FakeClock(), hidden=HIDDEN + 1)
+            codec.initial(bad)
     with pytest.raises(InvalidSnapshotError, match="state for 2 layers x 8, not 2 x 9"):
-        wider.initial(blob)
+        _codec(hidden=HIDDEN + 1).initial(blob)
 
 
 @pytest.mark.parametrize(("layers", "hidden"), [(2, 128), (1, 32)])
@@ -242,15 +315,21 @@ def test_memory_per_idle_session(layers: int, hidden: int) -> None:
     one chunk with LAST outputs of 4 values, so it also holds its replay cache (the key and that response).
     """
     count = 2000
-    limits = StoreLimits(60, 3600, count, evict_lru=False)
-    store = InMemorySessionStore(layers=layers, hidden=hidden, fingerprint=FINGERPRINT, limits=limits)
+    store = InMemorySessionStore((2, layers, hidden))
+    state = np.ones((2, layers, hidden), np.float32)
+
+    async def fill() -> None:
+        for i in range(count):
+            replay = Replay(i.to_bytes(16, "little"), 0, np.ones((1, 4), np.float32))
+            await store.create(f"session-{i:08d}", Session(state, 1, 0.0, 0.0, replay))
+
+    loop = asyncio.new_event_loop()  # made before measuring: only the sessions are counted
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
-    for i in range(count):
-        replay = Replay(i.to_bytes(16, "little"), 0, np.ones((1, 4), np.float32))
-        store.put(f"session-{i:08d}", np.ones((2, layers, hidden), np.float32), 1, replay, new=True)
+    loop.run_until_complete(fill())
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
+    loop.close()
     per_session = sum(stat.size_diff for stat in after.compare_to(before, "filename")) / count
     raw = 2 * layers * hidden * 4
     print(f"layers={layers} hidden={hidden}: {per_session:.0f} bytes per idle session, raw state {raw}")

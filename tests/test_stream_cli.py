@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from serving_harness import card, offline, sequence
 
-from serving.cli import main
-from serving.streaming import StreamError, StreamOptions, encode_text, stream
+from serving.cli.main import main
+from serving.cli.stream import StreamError, StreamOptions, encode_text, stream
 
 pytestmark = pytest.mark.timeout(60)
 ATOL = 1e-5

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving.runner import ModelSpec
-from serving.tensors import encode
+from modelcard import ModelSpec
+from serving.wire import pb
+from serving.wire.tensors import encode
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Conveyor"].full_name
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,9 +19,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from serving.bench.grid import BenchError
+from serving.client.scrape import scrape
 
 _STOP_GRACE_S = 1.0
-_BATCH_SAMPLE = re.compile(r"^conveyor_batch_size_(sum|count) (\S+)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -62,10 +60,8 @@ class Host:
         """(rows, runner calls) so far, from the server's /metrics; None when it has none to read."""
         if self._metrics_port is None:
             return None
-        url = f"http://127.0.0.1:{self._metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            values = dict(_BATCH_SAMPLE.findall(response.read().decode()))
-        return float(values.get("sum", 0)), float(values.get("count", 0))
+        metrics = scrape(f"http://127.0.0.1:{self._metrics_port}/metrics", timeout_s=10)
+        return metrics.total("conveyor_batch_size_sum"), metrics.total("conveyor_batch_size_count")
 
 
 @contextmanager
@@ -106,8 +102,8 @@ def _stop(process: subprocess.Popen[str]) -> None:
 def _serve(spec: dict[str, Any], out: TextIO) -> None:
     from prometheus_client import CollectorRegistry
 
-    from serving.config import ServerConfig
-    from serving.server import build_server
+    from serving.server.app import build_server
+    from serving.server.config import ServerConfig
 
     config = ServerConfig(model_dir=Path(spec["model_dir"]), port=0, metrics_port=0, **spec["config"])
     server = build_server(config, CollectorRegistry())
@@ -119,8 +115,8 @@ def _serve(spec: dict[str, Any], out: TextIO) -> None:
 
 
 async def _echo(spec: dict[str, Any], out: TextIO) -> None:
+    from modelcard import CARD_FILE, spec_from_card
     from serving.bench.echo import start_echo
-    from serving.runner import CARD_FILE, spec_from_card
 
     card = json.loads((Path(spec["model_dir"]) / CARD_FILE).read_text())
     server, port = await start_echo(

@@ -15,9 +15,9 @@ import time
 import grpc
 import numpy as np
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
 from serving.bench.grid import BenchError
 from serving.bench.wire import CHANNEL_OPTIONS, Job, inputs_maker, say, stub
+from serving.wire import pb
 
 
 async def open_idle(job: Job) -> Job:

@@ -24,10 +24,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
 from serving.bench.grid import BenchError, Cell
 from serving.bench.wire import CHANNEL_OPTIONS, Job, inputs_maker, say, stub
+from serving.wire import pb, pb_grpc
 
 
 @dataclass
@@ -165,7 +164,7 @@ def _raise_failed(waited: tuple[set[asyncio.Task[None]], set[asyncio.Task[None]]
 
 
 def _measure_floor(job: Job) -> Job:
-    from serving.runner import OnnxStepRunner
+    from serving.server.onnx_runner import OnnxStepRunner
 
     cell = Cell(**job["cell"])
     runner = OnnxStepRunner.load(Path(job["model_dir"]), intra_op_threads=job["ort_threads"])

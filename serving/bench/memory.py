@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from modelcard import CARD_FILE
 from serving.bench.grid import BenchError, require_model
 from serving.bench.host import HostSpec, hosting
 from serving.bench.load import run_load
-from serving.runner import CARD_FILE
 
 _SWEEP_INTERVAL_S = 0.25
 _WARM_SESSIONS = 1000  # opened before the baseline, so one-time allocations (buffers, tables) stay out of it

@@ -9,9 +9,8 @@ from typing import Any, cast
 import grpc
 import numpy as np
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
-from serving.tensors import encode
+from serving.wire import pb, pb_grpc
+from serving.wire.tensors import encode
 
 # Separate subchannel pools: otherwise grpc shares one connection among channels to the same target.
 CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)

@@ -1,4 +1,4 @@
-"""Domain exceptions of the serving stage. `service.py` maps each to a gRPC status code, in one table.
+"""The domain's exceptions; the server maps each to a gRPC status code in one table (server/translate.py).
 
 Every message is written for the person reading the client's error: it says what went wrong and what to do.
 """
@@ -6,19 +6,19 @@ Every message is written for the person reading the client's error: it says what
 from __future__ import annotations
 
 
-class ConveyorError(Exception):
+class ServingError(Exception):
     """Base of every expected serving failure; anything else is a bug and becomes INTERNAL."""
 
 
-class ModelLoadError(ConveyorError):
+class ModelLoadError(ServingError):
     """The artifact directory cannot be served; the server refuses to start with this message."""
 
 
-class InvalidChunkError(ConveyorError):
+class InvalidChunkError(ServingError):
     """A chunk's inputs, flags or session id break the contract; nothing was applied."""
 
 
-class InvalidSessionIdError(ConveyorError):
+class InvalidSessionIdError(ServingError):
     """A session id breaks the id rules (1-128 characters of [A-Za-z0-9._:-])."""
 
     def __init__(self, session_id: str) -> None:
@@ -26,7 +26,7 @@ class InvalidSessionIdError(ConveyorError):
         super().__init__(f"session id {shown!r} is invalid: use 1-128 characters of A-Z a-z 0-9 . _ : -")
 
 
-class SessionNotFoundError(ConveyorError):
+class SessionNotFoundError(ServingError):
     """The session is unknown: it was never started, has ended, or expired."""
 
     def __init__(self, session_id: str) -> None:
@@ -35,7 +35,7 @@ class SessionNotFoundError(ConveyorError):
         )
 
 
-class SessionAlreadyExistsError(ConveyorError):
+class SessionAlreadyExistsError(ServingError):
     """`start` named a live session; starting would silently discard its state."""
 
     def __init__(self, session_id: str, steps: int) -> None:
@@ -45,7 +45,7 @@ class SessionAlreadyExistsError(ConveyorError):
         )
 
 
-class OffsetMismatchError(ConveyorError):
+class OffsetMismatchError(ServingError):
     """The chunk's offset is not the session's step count; the message carries the server's count."""
 
     def __init__(self, session_id: str, offset: int, steps: int) -> None:
@@ -56,7 +56,7 @@ class OffsetMismatchError(ConveyorError):
         self.steps = steps
 
 
-class CapacityExceededError(ConveyorError):
+class CapacityExceededError(ServingError):
     """The server holds its maximum number of sessions and is configured not to evict."""
 
     def __init__(self, max_sessions: int) -> None:
@@ -65,11 +65,11 @@ class CapacityExceededError(ConveyorError):
         )
 
 
-class InvalidSnapshotError(ConveyorError):
+class InvalidSnapshotError(ServingError):
     """The snapshot blob is not one this server wrote (truncated, corrupt, or another format)."""
 
 
-class SnapshotModelMismatchError(ConveyorError):
+class SnapshotModelMismatchError(ServingError):
     """The snapshot was taken on a different model; its state means nothing to this one."""
 
     def __init__(self, snapshot_fingerprint: str, model_fingerprint: str) -> None:
@@ -79,7 +79,7 @@ class SnapshotModelMismatchError(ConveyorError):
         )
 
 
-class ShuttingDownError(ConveyorError):
+class ShuttingDownError(ServingError):
     """The server is draining and takes no new chunks."""
 
     def __init__(self) -> None:

@@ -1,18 +1,15 @@
 """Every Prometheus metric of the server, in one place, on an injectable registry. Base units; no session ids.
 
 Per-chunk latency is measured in the servicer's stream loop and in the batcher, not in an interceptor: on a
-streaming RPC an interceptor sees the whole stream. The interceptor here records the per-RPC metrics.
+streaming RPC an interceptor sees the whole stream. The interceptor (`serving.server.interceptor`) records the
+per-RPC metrics.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # A 1-2.5-5 series from 50 µs, so that sub-millisecond chunks and batches land in distinct buckets, to 10 s.
@@ -91,11 +88,12 @@ class ConveyorMetrics:
         """Publish the served model as `conveyor_model_info{name, fingerprint} 1`."""
         self._model.labels(name, fingerprint).set(1)
 
-    def track_sessions(self, count: Callable[[], int], state_bytes: Callable[[], int], capacity: int) -> None:
-        """Publish the capacity; read the live gauges from the store at scrape time, never stale."""
+    def track_sessions(self, count: Callable[[], int], state_bytes_each: int, capacity: int) -> None:
+        """Publish the capacity; read the live gauges from `count` (live sessions) at scrape time, never
+        stale. Each session holds `state_bytes_each` bytes of recurrent state."""
         self._capacity.set(capacity)
         self._sessions.set_function(count)
-        self._state_bytes.set_function(state_bytes)
+        self._state_bytes.set_function(lambda: count() * state_bytes_each)
 
     def observe_queue_wait(self, seconds: float) -> None:
         """Time one chunk waited between submission and the start of its batch."""
@@ -139,73 +137,3 @@ class ConveyorMetrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
-
-
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
-_FACTORIES = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
-}
-
-
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Records `grpc_server_handled_total` and `grpc_server_handling_seconds` for every RPC."""
-
-    def __init__(self, metrics: ConveyorMetrics) -> None:
-        self._metrics = metrics
-
-    async def intercept_service(
-        self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
-    ) -> Any:
-        """Wrap the RPC's handler so its end is recorded with its status code."""
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        service, _, method = details.method.lstrip("/").rpartition("/")
-        for kind, factory in _FACTORIES.items():
-            behavior = getattr(handler, kind)
-            if behavior is not None:
-                wrapped = self._wrap(behavior, service, method)
-                return factory(wrapped, handler.request_deserializer, handler.response_serializer)
-        return handler
-
-    def _wrap(self, behavior: Behavior, service: str, method: str) -> Behavior:
-        record = self._metrics.rpc_handled
-        if inspect.isasyncgenfunction(behavior):
-
-            async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                started, error = time.perf_counter(), None
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    record(service, method, _code(context, error), time.perf_counter() - started)
-
-            return streamed
-
-        async def awaited(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started, error = time.perf_counter(), None
-            try:
-                return await behavior(request, context)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                record(service, method, _code(context, error), time.perf_counter() - started)
-
-        return awaited
-
-
-def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
-    code = context.code()  # set by abort() or set_code(); None when the handler left it alone
-    if isinstance(code, grpc.StatusCode):
-        return str(code.name)
-    if error is None or isinstance(error, GeneratorExit):
-        return "OK"
-    # A client that went away cancels the handler; grpcio reports any other escaped exception as UNKNOWN.
-    return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNKNOWN"

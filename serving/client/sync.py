@@ -1,8 +1,7 @@
 """The Conveyor Python client: sessions that hide offsets and retries, over the conveyor.v1 gRPC API.
 
-This module is the synchronous client, which sends each chunk as one unary Step call, and the home of the
-names users need (errors, options, model info). The asyncio client, which multiplexes many sessions over one
-bidirectional Stream, is `serving.aio_client.AsyncConveyorClient`.
+This module is the synchronous client, which sends each chunk as one unary Step call. The asyncio client,
+which multiplexes many sessions over one bidirectional Stream, is `serving.client.aio.AsyncConveyorClient`.
 
     with ConveyorClient("localhost:50051") as client:
         client.wait_for_ready(timeout_s=10)
@@ -23,35 +22,22 @@ from typing import Any, Self, TypeVar
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
-from serving.client_core import (
+from serving.client.core import (
     DEFAULT_OPTIONS,
-    HEALTH_POLL_S,
     ClientOptions,
     ConveyorError,
     ModelInfo,
     Outputs,
-    RetryPolicy,
+    ReadinessCheck,
     SessionCursor,
     SessionHandle,
     Snapshot,
     not_found_is_ended,
     retry_delay,
 )
-
-__all__ = [
-    "ClientOptions",
-    "ConveyorClient",
-    "ConveyorError",
-    "ModelInfo",
-    "Outputs",
-    "RetryPolicy",
-    "Session",
-    "Snapshot",
-]
+from serving.wire import pb, pb_grpc
 
 T = TypeVar("T")
 
@@ -64,6 +50,7 @@ class ConveyorClient:
         self.options = options
         self._channel = grpc.insecure_channel(target, options=options.channel_options())
         self._stub = pb_grpc.ConveyorStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self) -> Self:
         return self
@@ -77,21 +64,16 @@ class ConveyorClient:
 
     def wait_for_ready(self, timeout_s: float = 10.0) -> None:
         """Block until the server's health service says SERVING; ConveyorError(UNAVAILABLE) on timeout."""
-        health = health_pb2_grpc.HealthStub(self._channel)
-        request = health_pb2.HealthCheckRequest(service=self.options.health_service)
-        deadline = time.monotonic() + timeout_s
-        while (remaining := deadline - time.monotonic()) > 0:
+        check, health = ReadinessCheck(self.target, self.options, timeout_s), self._health
+        while (remaining_s := check.remaining_s()) > 0:
             try:
-                reply = health.Check(request, timeout=remaining, wait_for_ready=True)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+                answer = health.Check(check.request, timeout=remaining_s, wait_for_ready=True)
             except grpc.RpcError as exc:
-                if not (error := ConveyorError.from_exception(exc)).retryable:
-                    raise error from None
-            time.sleep(min(HEALTH_POLL_S, max(0.0, deadline - time.monotonic())))
-        raise ConveyorError(
-            grpc.StatusCode.UNAVAILABLE, f"server at {self.target} not ready after {timeout_s}s"
-        )
+                answer = exc
+            if check.ready(answer):
+                return
+            time.sleep(check.pause_s())
+        raise check.timed_out()
 
     def model_info(self) -> ModelInfo:
         """Describe the served model."""

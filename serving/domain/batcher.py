@@ -17,8 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.errors import ShuttingDownError
-from serving.runner import StepRunner
+from serving.domain.errors import ShuttingDownError
+from serving.domain.runner import StepRunner
 
 # One chunk's result: y [time, outputs] and the new state (2, layers, hidden) ([0] h, [1] c), both views of
 # the batch's arrays: a caller that keeps one past its use copies it.
@@ -36,7 +36,7 @@ _WEIGHT = 0.2  # of the newest batch in a running estimate
 
 
 class BatchMetrics(Protocol):
-    """What the batcher reports; `serving.metrics.ConveyorMetrics` implements it."""
+    """What the batcher reports; `serving.server.metrics.ConveyorMetrics` implements it."""
 
     def observe_queue_wait(self, seconds: float) -> None:
         """Time one chunk waited between submission and the start of its batch."""

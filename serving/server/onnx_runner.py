@@ -1,85 +1,20 @@
-"""The seam between the server and the runtime: `StepRunner`, and its ONNX Runtime implementation.
-
-A runner runs one batch of independent sequences from their states:
-    x   int64 [B, T] (tokens) | float32 [B, T, features]
-    h, c  float32 [layers, B, hidden]
- -> y   float32 [B, T, outputs];  hn, cn  float32 [layers, B, hidden]
-"""
+"""The ONNX Runtime `StepRunner`: loads an artifact directory, checks it against its card, runs batches."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import numpy as np
 import onnxruntime as ort
 
-from serving.errors import ModelLoadError
+from modelcard import CARD_FILE, INPUT_NAMES, ONNX_FILE, OUTPUT_NAMES, ModelSpec, spec_from_card
+from serving.domain.errors import ModelLoadError
+from serving.domain.runner import Arrays
 
-ONNX_FILE = "model.onnx"
-CARD_FILE = "model.json"
-INPUT_NAMES = ("x", "h0", "c0")
-OUTPUT_NAMES = ("y", "hn", "cn")
-
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-class StepRunner(Protocol):
-    """Runs a batch: `(x, h, c) -> (y, hn, cn)`, shapes as in this module's docstring."""
-
-    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> Arrays:
-        """Outputs of every timestep and the state after the last one, for each row of the batch."""
-        ...
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the served model takes and returns, from its card (`model.json`)."""
-
-    name: str
-    task: str
-    input_kind: str  # "tokens" | "features"
-    input_size: int  # vocabulary size (tokens) or feature channels (features)
-    output_size: int
-    output_meaning: str
-    output_labels: tuple[str, ...]
-    vocabulary: tuple[str, ...]  # empty for feature models
-    layers: int
-    hidden: int
-    fingerprint: str  # sha256 of model.onnx, hex
-
-    @functools.cached_property  # checked against every chunk
-    def input_dtype(self) -> np.dtype[Any]:
-        """The dtype a chunk's inputs must have."""
-        return np.dtype(np.int64 if self.input_kind == "tokens" else np.float32)
-
-
-def spec_from_card(card: dict[str, Any]) -> ModelSpec:
-    """The spec described by a parsed `model.json`; `KeyError`/`TypeError`/`ValueError` when malformed."""
-    vocabulary = card["vocabulary"] or ()
-    return ModelSpec(
-        name=str(card["name"]),
-        task=str(card["task"]),
-        input_kind=_one_of(card["input"]["kind"], ("tokens", "features")),
-        input_size=int(card["input"]["size"]),
-        output_size=int(card["output"]["size"]),
-        output_meaning=str(card["output"]["meaning"]),
-        output_labels=tuple(str(label) for label in card["output"]["labels"]),
-        vocabulary=tuple(str(word) for word in vocabulary),
-        layers=int(card["layers"]),
-        hidden=int(card["hidden"]),
-        fingerprint=str(card["onnx_sha256"]),
-    )
-
-
-def _one_of(value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{value!r} is not one of {allowed}")
-    return str(value)
+_X, _H, _C = INPUT_NAMES
 
 
 class OnnxStepRunner:
@@ -88,6 +23,7 @@ class OnnxStepRunner:
     def __init__(self, session: ort.InferenceSession, spec: ModelSpec) -> None:
         self._session = session
         self.spec = spec
+        self._outputs = list(OUTPUT_NAMES)
 
     @classmethod
     def load(cls, model_dir: Path, *, intra_op_threads: int = 1) -> Self:
@@ -113,7 +49,7 @@ class OnnxStepRunner:
 
     def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> Arrays:
         """One ORT call for the whole batch; ORT reads contiguous numpy inputs in place, without a copy."""
-        y, hn, cn = self._session.run(OUTPUT_NAMES, {"x": x, "h0": h, "c0": c})
+        y, hn, cn = self._session.run(self._outputs, {_X: x, _H: h, _C: c})
         return y, hn, cn
 
     def _warm_up(self) -> None:
@@ -170,15 +106,13 @@ def _check_signature(session: ort.InferenceSession, spec: ModelSpec) -> None:
         if spec.input_kind == "tokens"
         else ("tensor(float)", (None, None, spec.input_size))
     )
-    state_dims = (spec.layers, None, spec.hidden)
-    expected = {
-        "x": (x_type, x_dims),
-        "h0": ("tensor(float)", state_dims),
-        "c0": ("tensor(float)", state_dims),
-        "y": ("tensor(float)", (None, None, spec.output_size)),
-        "hn": ("tensor(float)", state_dims),
-        "cn": ("tensor(float)", state_dims),
+    state = ("tensor(float)", (spec.layers, None, spec.hidden))
+    (x, *state_inputs), (y, *state_outputs) = INPUT_NAMES, OUTPUT_NAMES
+    expected: dict[str, tuple[str, tuple[int | None, ...]]] = {
+        x: (x_type, x_dims),
+        y: ("tensor(float)", (None, None, spec.output_size)),
     }
+    expected |= {name: state for name in (*state_inputs, *state_outputs)}
     _check_names("inputs", [arg.name for arg in session.get_inputs()], INPUT_NAMES)
     _check_names("outputs", [arg.name for arg in session.get_outputs()], OUTPUT_NAMES)
     for arg in [*session.get_inputs(), *session.get_outputs()]:

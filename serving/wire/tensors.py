@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
+from serving.wire import pb
 
 _WIRE_DTYPES: dict[pb.DType.ValueType, np.dtype[np.generic]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),

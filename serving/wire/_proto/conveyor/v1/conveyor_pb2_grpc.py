@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as conveyor_dot_v1_dot_conveyor__pb2
+from serving.wire._proto.conveyor.v1 import conveyor_pb2 as conveyor_dot_v1_dot_conveyor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeAlias
 
-from serving import commands
+from serving.cli import commands
 
 Handler = Callable[[argparse.Namespace], None]
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import signal
 import threading
 import time
@@ -28,16 +29,19 @@ from prometheus_client import (
     start_http_server,
 )
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
-from serving.batcher import Batcher
-from serving.chunks import ModelInfo
-from serving.config import ServerConfig
-from serving.engine import Engine
-from serving.metrics import ConveyorMetrics, RpcMetricsInterceptor
-from serving.runner import ModelSpec, OnnxStepRunner
-from serving.service import ConveyorServicer
-from serving.sessions import InMemorySessionStore, StoreLimits
+from modelcard import ModelSpec
+from serving.domain.batcher import Batcher
+from serving.domain.chunks import ServedModel
+from serving.domain.engine import Engine
+from serving.domain.runner import StepRunner
+from serving.domain.sessions.lifecycle import SessionLimits, Sessions
+from serving.domain.sessions.memory import InMemorySessionStore
+from serving.server.config import ServerConfig
+from serving.server.interceptor import RpcMetricsInterceptor
+from serving.server.metrics import ConveyorMetrics
+from serving.server.onnx_runner import OnnxStepRunner
+from serving.server.service import ConveyorServicer
+from serving.wire import pb, pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ def build_server(
     config: ServerConfig,
     registry: CollectorRegistry | None = None,
     *,
-    runner: OnnxStepRunner | None = None,
+    runner: StepRunner | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> RunningServer:
     """Load the model, start gRPC and /metrics, and return once health says SERVING.
@@ -166,7 +170,7 @@ def serve(config: ServerConfig) -> None:
 def _run_loop(
     config: ServerConfig,
     registry: CollectorRegistry,
-    runner: OnnxStepRunner,
+    runner: StepRunner,
     clock: Callable[[], float],
     started: concurrent.futures.Future[tuple[_App, asyncio.AbstractEventLoop]],
 ) -> None:
@@ -183,22 +187,21 @@ def _run_loop(
 
 
 async def _start(
-    config: ServerConfig, registry: CollectorRegistry, runner: OnnxStepRunner, clock: Callable[[], float]
+    config: ServerConfig, registry: CollectorRegistry, runner: StepRunner, clock: Callable[[], float]
 ) -> _App:
     spec = runner.spec
     metrics = ConveyorMetrics(registry)
     metrics.set_model(spec.name, spec.fingerprint)
-    limits = StoreLimits(
+    limits = SessionLimits(
         idle_ttl_s=config.idle_ttl_s,
         lifetime_s=config.session_lifetime_s,
         max_sessions=config.max_sessions,
         evict_lru=config.evict_lru_at_capacity,
         replay_window_s=config.replay_window_s,
     )
-    store = InMemorySessionStore(
-        layers=spec.layers, hidden=spec.hidden, fingerprint=spec.fingerprint, limits=limits, clock=clock
-    )
-    metrics.track_sessions(store.__len__, store.state_bytes, config.max_sessions)
+    model = ServedModel(spec, config.max_chunk_steps, config.idle_ttl_s)
+    sessions = Sessions(InMemorySessionStore(model.state_shape), limits, clock=clock)
+    metrics.track_sessions(sessions.__len__, math.prod(model.state_shape) * 4, config.max_sessions)
     batcher = Batcher(
         runner,
         max_batch_size=config.max_batch_size,
@@ -206,7 +209,7 @@ async def _start(
         inline_max_ms=config.inline_batch_max_ms,
         metrics=metrics,
     )
-    engine = Engine(ModelInfo(spec, config.max_chunk_steps, config.idle_ttl_s), store, batcher, metrics)
+    engine = Engine(model, sessions, batcher, metrics)
     servicer = ConveyorServicer(engine, metrics, max_inflight_per_stream=config.max_inflight_per_stream)
     # so_reuseport off: a second server on a taken port must fail, not silently share it.
     server = grpc.aio.server(
@@ -228,7 +231,7 @@ async def _start(
     except BaseException:
         _close_http(http)
         raise
-    engine.start_sweeper(config.sweep_interval_s)
+    sessions.start_sweeper(config.sweep_interval_s)
     # The runner was loaded and warmed up before this point: ready to serve.
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = int(http.server_address[1])

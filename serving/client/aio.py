@@ -21,23 +21,22 @@ from typing import Any, Literal, Self, TypeVar
 import grpc
 import grpc.aio
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving._proto.conveyor.v1 import conveyor_pb2_grpc as pb_grpc
-from serving.client_core import (
+from serving.client.core import (
     DEFAULT_OPTIONS,
-    HEALTH_POLL_S,
     ClientOptions,
     ConveyorError,
     ModelInfo,
     Outputs,
+    ReadinessCheck,
     SessionCursor,
     SessionHandle,
     Snapshot,
     not_found_is_ended,
     retry_delay,
 )
+from serving.wire import pb, pb_grpc
 
 T = TypeVar("T")
 Via = Literal["stream", "step"]
@@ -123,6 +122,7 @@ class AsyncConveyorClient:
         self.options = options
         self._channel = grpc.aio.insecure_channel(target, options=options.channel_options())
         self._stub = pb_grpc.ConveyorStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stream: _Stream | None = None
         self._request_ids = itertools.count()
         # Live cursors by session id, so in-band SessionEnded notices reach their sessions.
@@ -142,22 +142,16 @@ class AsyncConveyorClient:
 
     async def wait_for_ready(self, timeout_s: float = 10.0) -> None:
         """Wait until the server's health service says SERVING; ConveyorError(UNAVAILABLE) after timeout_s."""
-        health = health_pb2_grpc.HealthStub(self._channel)
-        request = health_pb2.HealthCheckRequest(service=self.options.health_service)
-        try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    try:
-                        reply = await health.Check(request, wait_for_ready=True)
-                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                            return
-                    except grpc.RpcError as exc:
-                        if not (error := ConveyorError.from_exception(exc)).retryable:
-                            raise error from None
-                    await asyncio.sleep(HEALTH_POLL_S)
-        except TimeoutError:
-            message = f"server at {self.target} not ready after {timeout_s}s"
-            raise ConveyorError(grpc.StatusCode.UNAVAILABLE, message) from None
+        check, health = ReadinessCheck(self.target, self.options, timeout_s), self._health
+        while (remaining_s := check.remaining_s()) > 0:
+            try:
+                answer = await health.Check(check.request, timeout=remaining_s, wait_for_ready=True)
+            except grpc.RpcError as exc:
+                answer = exc
+            if check.ready(answer):
+                return
+            await asyncio.sleep(check.pause_s())
+        raise check.timed_out()
 
     async def model_info(self) -> ModelInfo:
         """Describe the served model."""

@@ -9,22 +9,19 @@ latency summary read from the server's /metrics, and a clean shutdown.
 from __future__ import annotations
 
 import sys
-import urllib.request
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
+from serving.cli.stream import StreamError, encode_text, top_k
 from serving.client import ConveyorClient, ConveyorError, ModelInfo, Outputs
-from serving.config import ServerConfig
-from serving.errors import ModelLoadError
-from serving.server import build_server
-from serving.streaming import StreamError, encode_text, top_k
+from serving.client.scrape import scrape
+from serving.domain.errors import ModelLoadError
+from serving.server.app import build_server
+from serving.server.config import ServerConfig
 
 OPENING = "i grew up in france ."
 # One call each: words of the language task's filler vocabulary, none of the sentence frame ("i", "in", ...).
@@ -129,30 +126,16 @@ def ensure_artifact(directory: Path, options: DemoOptions, out: TextIO) -> None:
 
 def read_latency(metrics_url: str) -> Latency:
     """Chunk count, p50/p99 chunk latency (interpolated in the histogram's buckets), mean inference time."""
-    with urllib.request.urlopen(metrics_url, timeout=5) as response:
-        text = response.read().decode()
-    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
-    buckets = _buckets(samples, "conveyor_chunk_latency_seconds_bucket")
-    chunks = _total(samples, "conveyor_chunk_latency_seconds_count")
-    inferences = _total(samples, "conveyor_inference_seconds_count")
-    mean_inference_s = _total(samples, "conveyor_inference_seconds_sum") / max(inferences, 1.0)
-    return Latency(int(chunks), quantile(buckets, 0.5), quantile(buckets, 0.99), mean_inference_s)
-
-
-def quantile(buckets: Sequence[tuple[float, float]], q: float) -> float:
-    """Prometheus' histogram_quantile: `buckets` are (upper bound, cumulative count), sorted, +Inf last."""
-    total = buckets[-1][1] if buckets else 0.0
-    if total == 0:
-        return float("nan")
-    rank = q * total
-    lower, below = 0.0, 0.0
-    for upper, cumulative in buckets:
-        if cumulative >= rank:
-            if upper == float("inf"):
-                return lower  # no upper bound to interpolate to: the largest finite bound, as Prometheus does
-            return lower + (upper - lower) * (rank - below) / max(cumulative - below, 1e-12)
-        lower, below = upper, cumulative
-    return lower
+    metrics = scrape(metrics_url)
+    latency = "conveyor_chunk_latency_seconds"
+    inferences = metrics.total("conveyor_inference_seconds_count")
+    mean_inference_s = metrics.total("conveyor_inference_seconds_sum") / max(inferences, 1.0)
+    return Latency(
+        int(metrics.total(f"{latency}_count")),
+        metrics.quantile(latency, 0.5),
+        metrics.quantile(latency, 0.99),
+        mean_inference_s,
+    )
 
 
 def _describe_model(target: str, metrics_url: str, out: TextIO) -> ModelInfo:
@@ -234,17 +217,3 @@ def _print_latency(latency: Latency, out: TextIO) -> None:
         f"p99 ~ {latency.p99_s * 1e3:.2f} ms, mean inference {latency.mean_inference_s * 1e3:.3f} ms",
         file=out,
     )
-
-
-def _buckets(samples: Sequence[Sample], name: str) -> list[tuple[float, float]]:
-    # Summed over label sets (method, ...): the demo reports the server as a whole.
-    cumulative: dict[float, float] = {}
-    for sample in samples:
-        if sample.name == name:
-            bound = float(sample.labels["le"])
-            cumulative[bound] = cumulative.get(bound, 0.0) + sample.value
-    return sorted(cumulative.items())
-
-
-def _total(samples: Sequence[Sample], name: str) -> float:
-    return sum(sample.value for sample in samples if sample.name == name)

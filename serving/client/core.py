@@ -1,26 +1,27 @@
 """What the sync and asyncio Conveyor clients share: errors, options, model info and session bookkeeping.
 
-Users import these names from `serving.client` (sync) or `serving.aio_client` (asyncio); this module exists so
-that neither client depends on the other.
+Users import these names from `serving.client`; this module exists so that neither client depends on the
+other.
 """
 
 from __future__ import annotations
 
 import enum
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2
 
-from serving._proto.conveyor.v1 import conveyor_pb2 as pb
-from serving.tensors import TensorDecodeError, decode, encode
+from serving.wire import pb
+from serving.wire.tensors import TensorDecodeError, decode, encode
 
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
-HEALTH_POLL_S = 0.05  # how often wait_for_ready asks again while the server is not SERVING
 
 
 class ConveyorError(Exception):
@@ -84,6 +85,41 @@ class ClientOptions:
 
 
 DEFAULT_OPTIONS = ClientOptions()
+
+
+class ReadinessCheck:
+    """`wait_for_ready`, written once for both clients, which only do its I/O: ask the health service until
+    it says SERVING; a retryable failure (not up yet) is asked again, any other is final; give up at the
+    deadline with UNAVAILABLE."""
+
+    POLL_S = 0.05  # how often the server is asked again while it is not SERVING
+
+    def __init__(self, target: str, options: ClientOptions, timeout_s: float) -> None:
+        self.request = health_pb2.HealthCheckRequest(service=options.health_service)
+        self._target, self._timeout_s = target, timeout_s
+        self._deadline = time.monotonic() + timeout_s
+
+    def remaining_s(self) -> float:
+        """Seconds left before giving up (<= 0: time is up)."""
+        return self._deadline - time.monotonic()
+
+    def pause_s(self) -> float:
+        """How long to wait before asking again."""
+        return min(self.POLL_S, max(0.0, self.remaining_s()))
+
+    def ready(self, answer: health_pb2.HealthCheckResponse | grpc.RpcError) -> bool:
+        """True when `answer` (a reply, or the call's failure) says SERVING; raises a final failure."""
+        if isinstance(answer, grpc.RpcError):
+            if not (error := ConveyorError.from_exception(answer)).retryable:
+                raise error from None
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def timed_out(self) -> ConveyorError:
+        """The error once the deadline has passed."""
+        return ConveyorError(
+            grpc.StatusCode.UNAVAILABLE, f"server at {self._target} not ready after {self._timeout_s}s"
+        )
 
 
 class Outputs(enum.IntEnum):

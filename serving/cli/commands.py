@@ -66,9 +66,9 @@ def experiment(args: argparse.Namespace) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    from serving.config import ConfigError, ServerConfig
-    from serving.errors import ModelLoadError
-    from serving.server import serve as run_server
+    from serving.domain.errors import ModelLoadError
+    from serving.server.app import serve as run_server
+    from serving.server.config import ConfigError, ServerConfig
 
     flags: dict[str, Any] = {
         "model_dir": args.model,
@@ -87,8 +87,8 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def stream(args: argparse.Namespace) -> None:
-    from serving.streaming import StreamError, StreamOptions
-    from serving.streaming import stream as run_stream
+    from serving.cli.stream import StreamError, StreamOptions
+    from serving.cli.stream import stream as run_stream
 
     options = StreamOptions(
         target=args.target,
@@ -105,7 +105,7 @@ def stream(args: argparse.Namespace) -> None:
 
 
 def demo(args: argparse.Namespace) -> None:
-    from serving.demo import DemoError, DemoOptions, run_demo
+    from serving.cli.demo import DemoError, DemoOptions, run_demo
 
     with _user_errors(DemoError):
         run_demo(DemoOptions(artifacts=args.artifacts))

@@ -11,7 +11,7 @@ Versioning: this package is conveyor.v1. Fields are only ever added; a breaking 
 """
 
 from collections import abc as _abc
-from serving._proto.conveyor.v1 import conveyor_pb2 as _conveyor_pb2
+from serving.wire._proto.conveyor.v1 import conveyor_pb2 as _conveyor_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from serving.errors import InvalidChunkError, InvalidSessionIdError
-from serving.runner import ModelSpec
+from modelcard import ModelSpec
+from serving.domain.errors import InvalidChunkError, InvalidSessionIdError
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _SHORT_CHUNK = 64  # timesteps
@@ -52,15 +52,20 @@ class ChunkResult(NamedTuple):
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ServedModel:
     """The served model and the limits a client must respect."""
 
     spec: ModelSpec
     max_chunk_steps: int
     idle_ttl_s: float
 
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """A session's state: (2, layers, hidden) float32, [0] h and [1] c."""
+        return (2, self.spec.layers, self.spec.hidden)
 
-def validate(chunk: Chunk, model: ModelInfo) -> None:
+
+def validate(chunk: Chunk, model: ServedModel) -> None:
     """Raise `InvalidChunkError` (or `InvalidSessionIdError`) unless `chunk` keeps the contract's rules."""
     if chunk.session_id:
         check_session_id(chunk.session_id)
@@ -79,7 +84,7 @@ def check_session_id(session_id: str) -> None:
         raise InvalidSessionIdError(session_id)
 
 
-def check_inputs(x: np.ndarray, model: ModelInfo) -> None:
+def check_inputs(x: np.ndarray, model: ServedModel) -> None:
     """Raise `InvalidChunkError` unless `x` is a valid chunk for `model` (dtype, shape, length, values)."""
     spec = model.spec
     tokens = spec.input_kind == "tokens"

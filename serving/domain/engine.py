@@ -1,0 +1,181 @@
+"""The session contract, with no gRPC in it: ids, start/end/reset/restore, offsets, exactly-once retries,
+per-session ordering and shutdown. The servicer translates; this decides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import NamedTuple, Protocol, TypeVar
+
+import numpy as np
+
+from serving.domain.batcher import Batcher
+from serving.domain.chunks import Chunk, ChunkResult, OutputMode, ServedModel, check_session_id, validate
+from serving.domain.errors import (
+    OffsetMismatchError,
+    SessionAlreadyExistsError,
+    SessionNotFoundError,
+    ShuttingDownError,
+)
+from serving.domain.locks import Admission
+from serving.domain.notices import EndNotices, Watcher
+from serving.domain.sessions.lifecycle import Sessions
+from serving.domain.sessions.snapshots import SnapshotCodec
+from serving.domain.sessions.store import EndReason, Replay, Session, SessionEnd
+
+_T = TypeVar("_T")
+
+
+class SessionMetrics(Protocol):
+    """What the engine reports; `serving.server.metrics.ConveyorMetrics` implements it."""
+
+    def session_started(self) -> None:
+        """A session was created."""
+
+    def session_ended(self, reason: str, duration_s: float, steps: int) -> None:
+        """A session ended."""
+
+    def chunk_applied(self, timesteps: int) -> None:
+        """A chunk was run and its state committed (replays are not counted)."""
+
+
+class _Job(NamedTuple):  # a tuple: built for every chunk, and cheaper to build than a frozen dataclass
+    session_id: str
+    chunk: Chunk
+    key: bytes  # replay key: identifies a repeat of the same chunk
+    watcher: Watcher | None
+
+
+class Engine:
+    """Applies chunks to sessions under the session contract, one chunk per session at a time."""
+
+    def __init__(
+        self, model: ServedModel, sessions: Sessions, batcher: Batcher, metrics: SessionMetrics
+    ) -> None:
+        self.model = model
+        self._sessions = sessions
+        self._batcher = batcher
+        self._metrics = metrics
+        self._snapshots = SnapshotCodec(model.spec.fingerprint, model.state_shape)
+        self._admission = Admission()
+        self._notices = EndNotices()
+        self._closed = False
+        sessions.add_listener(self._notices)
+        sessions.add_listener(self._count_end)
+
+    async def step(self, chunk: Chunk, watcher: Watcher | None = None) -> ChunkResult:
+        """Apply `chunk` (or answer its repeat); `watcher` is then told when the session ends.
+
+        Raises a `ServingError` subclass on any contract violation, leaving the session's state unchanged.
+        """
+        self._admission.check_open()
+        validate(chunk, self.model)
+        session_id = chunk.session_id or uuid.uuid4().hex
+        job = _Job(session_id, chunk, _replay_key(chunk), watcher)
+        async with self._admission.hold(session_id):
+            return await (self._start(job) if chunk.start else self._continue(job))
+
+    async def end_session(self, session_id: str) -> int:
+        """End a live session; returns its step count."""
+        ended = await self._locked(session_id, lambda: self._sessions.end(session_id, EndReason.END))
+        return ended.steps
+
+    async def snapshot(self, session_id: str) -> tuple[bytes, int]:
+        """The session's state as an opaque blob, and its step count."""
+        session = await self._locked(session_id, lambda: self._sessions.get(session_id))
+        return self._snapshots.encode(session.state, session.steps), session.steps
+
+    def unwatch(self, session_ids: Iterable[str], watcher: Watcher) -> None:
+        """Stop telling `watcher` about these sessions (its stream has closed)."""
+        self._notices.unwatch(session_ids, watcher)
+
+    async def close(self, grace_s: float) -> None:
+        """Refuse new work, give in-flight chunks `grace_s` to finish, then end every session (shutdown)."""
+        self._sessions.stop_sweeper()
+        await self._admission.close(grace_s)
+        self._closed = True
+        await self._sessions.end_all(EndReason.SHUTDOWN)
+
+    async def _start(self, job: _Job) -> ChunkResult:
+        existing = await self._sessions.find(job.session_id)
+        if existing is not None:
+            replayed = _replayed(job, existing.replay, existing.steps, ended=False)
+            if replayed is not None:
+                self._watch(job)
+                return replayed
+            if not job.chunk.reset:
+                raise SessionAlreadyExistsError(job.session_id, existing.steps)
+        else:
+            self._sessions.check_capacity()
+        state, steps = self._snapshots.initial(job.chunk.snapshot)
+        return await self._apply(job, existing, state, steps)
+
+    async def _continue(self, job: _Job) -> ChunkResult:
+        session = await self._sessions.find(job.session_id)
+        if session is None:
+            return self._replay_ended(job)
+        replayed = _replayed(job, session.replay, session.steps, ended=False)
+        if replayed is not None:
+            self._watch(job)
+            return replayed
+        return await self._apply(job, session, session.state, session.steps)
+
+    def _replay_ended(self, job: _Job) -> ChunkResult:
+        """Answer again the chunk that ended its session (a retry after its response was lost); anything else
+        for a session that is not live is `SessionNotFoundError`."""
+        ended = self._sessions.ended_replay(job.session_id)
+        replayed = None if ended is None else _replayed(job, ended.replay, ended.steps, ended=True)
+        if replayed is None:
+            raise SessionNotFoundError(job.session_id)
+        return replayed
+
+    async def _apply(self, job: _Job, previous: Session | None, state: np.ndarray, steps: int) -> ChunkResult:
+        """Run the chunk from `state` at `steps` and commit it as the successor of `previous` (None: new)."""
+        chunk = job.chunk
+        if chunk.offset != steps:
+            raise OffsetMismatchError(job.session_id, chunk.offset, steps)
+        y, new_state = await self._batcher.run(chunk.inputs, state)
+        if self._closed:
+            raise ShuttingDownError()  # the grace period ran out: every session has ended
+        # A copy: the batcher's rows are views of the whole batch's outputs.
+        outputs = (y[-1:] if chunk.outputs is OutputMode.LAST else y).copy()
+        steps += len(chunk.inputs)
+        replay = Replay(job.key, chunk.offset, outputs)
+        if await self._sessions.commit(
+            job.session_id, previous, new_state, steps, replay, restart=chunk.start
+        ):
+            self._metrics.session_started()
+        self._metrics.chunk_applied(len(chunk.inputs))
+        self._watch(job)
+        if chunk.end:
+            await self._sessions.end(job.session_id, EndReason.END, keep_replay=True)
+        return ChunkResult(job.session_id, chunk.offset, steps, outputs, chunk.end, replayed=False)
+
+    async def _locked(self, session_id: str, operation: Callable[[], Awaitable[_T]]) -> _T:
+        self._admission.check_open()
+        check_session_id(session_id)
+        async with self._admission.hold(session_id):
+            return await operation()
+
+    def _watch(self, job: _Job) -> None:
+        if job.watcher is not None:
+            self._notices.watch(job.session_id, job.watcher)
+
+    def _count_end(self, ended: SessionEnd) -> None:
+        self._metrics.session_ended(ended.reason.value, ended.duration_s, ended.steps)
+
+
+def _replayed(job: _Job, replay: Replay | None, steps: int, *, ended: bool) -> ChunkResult | None:
+    """The cached result when `job` repeats the chunk `replay` records, else None."""
+    if replay is None or replay.offset != job.chunk.offset or replay.key != job.key:
+        return None
+    return ChunkResult(job.session_id, replay.offset, steps, replay.outputs, ended, replayed=True)
+
+
+def _replay_key(chunk: Chunk) -> bytes:
+    # The shape needs no place in the key: a valid chunk's shape follows from its byte length and the model.
+    flags = chunk.start | chunk.end << 1 | chunk.reset << 2 | (chunk.outputs is OutputMode.LAST) << 3
+    payload = b"".join((bytes((flags,)), chunk.inputs.tobytes(), chunk.snapshot))
+    return hashlib.blake2b(payload, digest_size=16).digest()

@@ -1,0 +1,109 @@
+"""Admission of the engine's calls: one at a time per session, counted in flight, refused when closing."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+from serving.domain.errors import ShuttingDownError
+
+logger = logging.getLogger(__name__)
+
+
+class Admission:
+    """Holds a session's lock around each call on it, and counts the calls in flight so a close can drain."""
+
+    def __init__(self) -> None:
+        self._locks = KeyedLocks()
+        self._inflight = 0
+        self._drained = asyncio.Event()
+        self._closing = False
+
+    def check_open(self) -> None:
+        """Raise `ShuttingDownError` once `close` has begun."""
+        if self._closing:
+            raise ShuttingDownError()
+
+    def hold(self, session_id: str) -> Held:
+        """`async with admission.hold(session_id)`: the call runs alone on its session, counted in flight.
+
+        No suspension before the lock is queued for, so the calls of a session run in the order they arrived.
+        """
+        return Held(self, session_id)
+
+    async def close(self, grace_s: float) -> None:
+        """Admit nothing more; wait up to `grace_s` for the calls in flight to finish."""
+        self._closing = True
+        if not self._inflight:
+            return
+        self._drained.clear()
+        try:
+            await asyncio.wait_for(self._drained.wait(), grace_s)
+        except TimeoutError:
+            logger.warning("%d chunks still running after the %.1f s grace period", self._inflight, grace_s)
+
+    async def _enter(self, session_id: str) -> None:
+        self._inflight += 1
+        try:
+            await self._locks.acquire(session_id)
+        except BaseException:
+            self._leave()
+            raise
+
+    def _exit(self, session_id: str) -> None:
+        self._locks.release(session_id)
+        self._leave()
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        if not self._inflight:
+            self._drained.set()
+
+
+class Held:
+    """One admitted call (an async context manager; built for every chunk, so a slotted class)."""
+
+    __slots__ = ("_admission", "_session_id")
+
+    def __init__(self, admission: Admission, session_id: str) -> None:
+        self._admission, self._session_id = admission, session_id
+
+    async def __aenter__(self) -> None:
+        await self._admission._enter(self._session_id)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._admission._exit(self._session_id)
+
+
+class KeyedLocks:
+    """One FIFO lock per key, kept only while held. Taken for every chunk, so an uncontended acquire is a dict
+    insert: no asyncio.Lock, no future, no suspension."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, collections.deque[asyncio.Future[None]]] = {}  # present: held
+
+    async def acquire(self, key: str) -> None:
+        """Wait until `key` is free, then hold it."""
+        waiters = self._waiters.get(key)
+        if waiters is None:
+            self._waiters[key] = collections.deque()
+            return
+        future = asyncio.get_running_loop().create_future()
+        waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(key)  # handed the lock as this waiter was cancelled: pass it on
+            raise
+
+    def release(self, key: str) -> None:
+        """Free `key`: the next waiter, in arrival order, holds it now."""
+        waiters = self._waiters[key]
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():  # a cancelled waiter's future is done: skip it
+                future.set_result(None)  # the lock passes straight to the next waiter, in arrival order
+                return
+        del self._waiters[key]

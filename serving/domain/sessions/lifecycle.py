@@ -1,0 +1,195 @@
+"""The lifecycle policy over any `SessionStore`: idle TTL, lifetime, capacity, end notices, ended replays.
+
+This is what the engine asks about sessions. It decides when a session has expired (on a look-up, and in a
+sweep every interval), whether a new one fits (refuse or evict the least recently used), and tells its
+listeners about every session that ends, and why. The store only keeps records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.domain.errors import CapacityExceededError, SessionAlreadyExistsError, SessionNotFoundError
+from serving.domain.sessions.replays import EndedReplay, EndedReplays
+from serving.domain.sessions.store import (
+    EVERYTHING,
+    Cutoffs,
+    EndReason,
+    Replay,
+    Session,
+    SessionEnd,
+    SessionStore,
+)
+
+logger = logging.getLogger(__name__)
+
+Listener = Callable[[SessionEnd], None]
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """The lifecycle limits."""
+
+    idle_ttl_s: float
+    lifetime_s: float
+    max_sessions: int
+    evict_lru: bool  # at capacity: end the least recently used session instead of refusing a new one
+    # How long a session keeps its last response for retries. Later, the sweep drops it, so an idle session
+    # holds little more than its state; a retry after that gets ABORTED (applied once, response gone).
+    replay_window_s: float = 60.0
+
+
+class Sessions:
+    """Sessions in `store` under `limits`, on the `clock` (monotonic seconds)."""
+
+    def __init__(
+        self, store: SessionStore, limits: SessionLimits, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._store = store
+        self._limits = limits
+        self._clock = clock
+        self._ended = EndedReplays(limits.replay_window_s, limits.max_sessions)
+        self._listeners: list[Listener] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener` with every session that ends, whatever the reason."""
+        self._listeners.append(listener)
+
+    async def find(self, session_id: str) -> Session | None:
+        """The live session, marked as used now; None when unknown or expired (expiry ends it)."""
+        now = self._clock()
+        session = await self._store.get(session_id, now)
+        if session is None:
+            return None
+        reason = self._cutoffs(now).reason(session.created_s, session.last_used_s)
+        if reason is not None:
+            await self._end(session_id, reason)
+            return None
+        return session
+
+    async def get(self, session_id: str) -> Session:
+        """As `find`, but raises `SessionNotFoundError`."""
+        session = await self.find(session_id)
+        if session is None:
+            raise SessionNotFoundError(session_id)
+        return session
+
+    def check_capacity(self) -> None:
+        """Raise `CapacityExceededError` if a new session would be refused right now."""
+        if len(self._store) >= self._limits.max_sessions and not self._limits.evict_lru:
+            raise CapacityExceededError(self._limits.max_sessions)
+
+    async def commit(
+        self,
+        session_id: str,
+        previous: Session | None,
+        state: np.ndarray,
+        steps: int,
+        replay: Replay,
+        *,
+        restart: bool = False,
+    ) -> bool:
+        """Store a session's state after a chunk; True when that created the session.
+
+        `previous` is the session as it was when the chunk began (None: a new session); it is replaced only if
+        it is still what the store holds. `restart`: the chunk started it afresh (reset).
+        """
+        now = self._clock()
+        if previous is None:
+            await self._make_room()
+            if not await self._store.create(session_id, Session(state, steps, now, now, replay)):
+                current = await self._store.get(session_id, now)  # started by another server meanwhile
+                raise SessionAlreadyExistsError(session_id, 0 if current is None else current.steps)
+            self._ended.discard(session_id)  # the id starts over: its old session's replay is void
+            return True
+        created_s = now if restart else previous.created_s
+        successor = Session(state, steps, created_s, now, replay)
+        if not await self._store.replace(session_id, successor, steps=previous.steps):
+            raise SessionNotFoundError(session_id)  # ended while its chunk ran
+        return False
+
+    async def end(self, session_id: str, reason: EndReason, *, keep_replay: bool = False) -> SessionEnd:
+        """End a live session now; raises `SessionNotFoundError`. `keep_replay`: it ended with its own last
+        chunk, whose response stays available to `ended_replay` for the replay window."""
+        session = await self.get(session_id)  # expiry first: an expired session ends as expired
+        ended = await self._end(session_id, reason)
+        if ended is None:
+            raise SessionNotFoundError(session_id)
+        if keep_replay and session.replay is not None:
+            self._ended.keep(session_id, session.replay, session.steps, self._clock())
+        return ended
+
+    def ended_replay(self, session_id: str) -> EndedReplay | None:
+        """The last chunk's replay of a session ended with `keep_replay`, within the replay window."""
+        return self._ended.get(session_id, self._clock())
+
+    async def end_all(self, reason: EndReason) -> None:
+        """End every session."""
+        async for removed in self._store.expire(EVERYTHING):
+            for session_id, session, _ in removed:
+                self._tell(session_id, session, reason)
+
+    async def sweep(self) -> None:
+        """End every session past its idle TTL or lifetime; drop replays past the replay window. Other work
+        runs between the store's slices."""
+        now = self._clock()
+        self._ended.forget_expired(now)
+        cutoffs = self._cutoffs(now)
+        async for removed in self._store.expire(cutoffs):
+            for session_id, session, reason in removed:
+                self._tell(session_id, session, reason)
+            await asyncio.sleep(0)
+
+    def start_sweeper(self, interval_s: float) -> None:
+        """Sweep every `interval_s`, so expired sessions end (and are told) without being touched."""
+        self._sweeper = asyncio.get_running_loop().create_task(
+            self._sweep_forever(interval_s), name="conveyor-sweeper"
+        )
+
+    def stop_sweeper(self) -> None:
+        """Stop sweeping."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    def __len__(self) -> int:
+        """Live sessions."""
+        return len(self._store)
+
+    def _cutoffs(self, now: float) -> Cutoffs:
+        limits = self._limits
+        return Cutoffs(now - limits.lifetime_s, now - limits.idle_ttl_s, now - limits.replay_window_s)
+
+    async def _make_room(self) -> None:
+        self.check_capacity()
+        while len(self._store) >= self._limits.max_sessions:
+            oldest = await self._store.least_recent()
+            if oldest is None:
+                return
+            await self._end(oldest, EndReason.CAPACITY)
+
+    async def _end(self, session_id: str, reason: EndReason) -> SessionEnd | None:
+        session = await self._store.end(session_id)
+        if session is None:
+            return None
+        return self._tell(session_id, session, reason)
+
+    def _tell(self, session_id: str, session: Session, reason: EndReason) -> SessionEnd:
+        ended = SessionEnd(session_id, reason, session.steps, self._clock() - session.created_s)
+        for listener in self._listeners:
+            listener(ended)
+        return ended
+
+    async def _sweep_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sweep()
+            except Exception:  # a failed sweep must not stop later ones
+                logger.exception("session sweep failed")

@@ -1,0 +1,116 @@
+"""The session store interface: all a backend must do, and the immutable records it holds.
+
+A backend keeps `session_id -> Session` and nothing else: look up, create, replace with a compare-and-set on
+the step count, end, expire, count (and name its least recently used session, for eviction at capacity).
+What the contract builds over it (capacity, end notices, ended sessions' replays, snapshots) lives in
+`serving.domain.sessions.lifecycle` and `.snapshots`, the same for every backend. The compare-and-set is what
+makes a shared backend safe: two servers can never both apply a chunk at the same offset.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+
+class EndReason(enum.Enum):
+    """Why a session ended; the values are the `reason` label of `conveyor_sessions_ended_total`."""
+
+    END = "end"
+    TTL = "ttl"
+    LIFETIME = "lifetime"
+    CAPACITY = "capacity"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    """A session that has ended: told to the lifecycle's listeners."""
+
+    session_id: str
+    reason: EndReason
+    steps: int
+    duration_s: float
+
+
+class Replay(NamedTuple):
+    """The last applied chunk's identity and result, so a retry is answered without applying it twice."""
+
+    key: bytes  # digest of the chunk's flags and inputs
+    offset: int
+    outputs: np.ndarray  # the response's outputs, [time or 1, outputs]
+
+
+class Session(NamedTuple):
+    """One live session as a store hands it out: immutable, replaced whole on each change (a named tuple, as
+    `Replay`: one is built for every chunk, at a third of a frozen dataclass's cost)."""
+
+    state: np.ndarray  # (2, layers, hidden) float32, read-only: [0] is h, [1] is c
+    steps: int  # timesteps consumed
+    created_s: float  # lifecycle clock
+    last_used_s: float
+    replay: Replay | None
+
+
+class Cutoffs(NamedTuple):
+    """Clock readings before which a session is past a limit: what `expire` ends and drops."""
+
+    created_s: float  # created before: past its lifetime
+    used_s: float  # last used before: idle past its TTL
+    replay_s: float  # last used before: its replay is dropped (the session lives on)
+
+    def reason(self, created_s: float, last_used_s: float) -> EndReason | None:
+        """Why a session created and last used at these times has expired; None while it has not."""
+        if created_s < self.created_s:
+            return EndReason.LIFETIME
+        if last_used_s < self.used_s:
+            return EndReason.TTL
+        return None
+
+
+Expired = tuple[str, Session, EndReason]  # a session `expire` removed, and why
+
+EVERYTHING = Cutoffs(float("inf"), float("inf"), float("inf"))  # every session is past these
+
+
+class SessionStore(Protocol):
+    """Where sessions live. The in-memory store is the default; other backends implement these calls.
+
+    A stored state may be a view of a larger array (the batcher's rows are): a store keeps its own copy.
+    """
+
+    async def get(self, session_id: str, now: float) -> Session | None:
+        """The session as it was before this look-up, which is a use: its last use becomes `now`."""
+        ...
+
+    async def create(self, session_id: str, session: Session) -> bool:
+        """Add `session` unless `session_id` is taken; False (nothing written) when it is."""
+        ...
+
+    async def replace(self, session_id: str, session: Session, *, steps: int) -> bool:
+        """Swap in `session` if the stored one has consumed `steps` (compare-and-set); False when it has not
+        or is gone: the caller's copy was stale, and nothing was written."""
+        ...
+
+    async def end(self, session_id: str) -> Session | None:
+        """Remove a session and return it (its state a copy); None when there was none."""
+        ...
+
+    def expire(self, cutoffs: Cutoffs) -> AsyncIterator[list[Expired]]:
+        """Remove every session past `cutoffs` and drop the replays of those last used before
+        `cutoffs.replay_s`, yielding the removed in slices so that the caller can let other work run in
+        between (a pass over 100k sessions takes tens of milliseconds). Each session is judged as it is when
+        its slice comes."""
+        ...
+
+    async def least_recent(self) -> str | None:
+        """The id of the session used longest ago; None when there is none."""
+        ...
+
+    def __len__(self) -> int:
+        """Live sessions (read at scrape time)."""
+        ...

@@ -1,0 +1,163 @@
+"""The gRPC servicer: protobuf in, engine call, protobuf out (translated by `serving.server.translate`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from serving.domain.engine import Engine
+from serving.domain.notices import Watcher
+from serving.server.metrics import ConveyorMetrics
+from serving.server.outbox import Outbox
+from serving.server.translate import BY_NUMBER, chunk_from_pb, result_to_pb, status_for
+from serving.wire import pb, pb_grpc
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+class ConveyorServicer(pb_grpc.ConveyorServicer):
+    """Implements conveyor.v1.Conveyor on top of an `Engine`."""
+
+    def __init__(self, engine: Engine, metrics: ConveyorMetrics, *, max_inflight_per_stream: int) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self._window = max_inflight_per_stream
+        self._outboxes: set[Outbox] = set()
+
+    async def Stream(  # noqa: N802 (gRPC method names)
+        self, request_iterator: AsyncIterator[pb.ChunkRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamResponse]:
+        """Answers each request in band, concurrently across sessions; tells the stream of ended sessions."""
+        loop = asyncio.get_running_loop()
+        outbox = Outbox(self._window, loop)
+        self._outboxes.add(outbox)
+        reader = loop.create_task(self._read(request_iterator, outbox, loop))
+        try:
+            async for response in outbox:
+                yield response
+        finally:
+            reader.cancel()
+            self._outboxes.discard(outbox)
+            self._engine.unwatch(outbox.touched, outbox.watcher)
+
+    async def Step(self, request: pb.ChunkRequest, context: grpc.aio.ServicerContext) -> pb.ChunkResponse:  # noqa: N802
+        """One chunk; errors are the call's status."""
+        response = pb.ChunkResponse()
+        error = await self._answer(request, time.perf_counter(), response)
+        if error is not None:
+            await _abort(context, BY_NUMBER[error.code], error.message)
+        return response
+
+    async def EndSession(  # noqa: N802
+        self, request: pb.EndSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EndSessionResponse:
+        """Ends a session."""
+        steps = await _unary(context, self._engine.end_session(request.session_id))
+        return pb.EndSessionResponse(steps=steps)
+
+    async def Snapshot(  # noqa: N802
+        self, request: pb.SnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SnapshotResponse:
+        """Exports a session's state."""
+        blob, steps = await _unary(context, self._engine.snapshot(request.session_id))
+        return pb.SnapshotResponse(snapshot=blob, steps=steps)
+
+    async def GetModelInfo(  # noqa: N802
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        """Describes the served model."""
+        model = self._engine.model
+        spec = model.spec
+        return pb.ModelInfo(
+            name=spec.name,
+            task=spec.task,
+            input_kind=spec.input_kind,
+            input_size=spec.input_size,
+            output_size=spec.output_size,
+            output_meaning=spec.output_meaning,
+            output_labels=spec.output_labels,
+            vocabulary=spec.vocabulary,
+            fingerprint=spec.fingerprint,
+            layers=spec.layers,
+            hidden=spec.hidden,
+            max_chunk_steps=model.max_chunk_steps,
+            idle_ttl_s=model.idle_ttl_s,
+        )
+
+    def close_streams(self) -> None:
+        """End every open stream once what is queued for it (e.g. shutdown notices) has been sent."""
+        loop = asyncio.get_running_loop()
+        for outbox in self._outboxes:
+            loop.call_soon(outbox.finish)  # after the notices the engine scheduled before this call
+
+    async def _read(
+        self, requests: AsyncIterator[pb.ChunkRequest], outbox: Outbox, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        # Tasks are made through `loop`: asyncio.create_task would look the loop up (a system call) each time.
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            async for request in requests:
+                received = time.perf_counter()
+                await outbox.reserve()
+                task = loop.create_task(self._answer_in_band(request, received, outbox))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(tasks)
+        except Exception as exc:  # the client's side of the stream broke; nothing more will be read
+            logger.debug("stream read ended: %r", exc)
+        finally:
+            for task in tasks:
+                task.cancel()
+            outbox.finish()
+
+    async def _answer_in_band(self, request: pb.ChunkRequest, received: float, outbox: Outbox) -> None:
+        response = pb.StreamResponse()
+        error = await self._answer(request, received, response.chunk, outbox.watcher)
+        if error is not None:
+            outbox.answer(pb.StreamResponse(error=error))
+        else:
+            outbox.touched.add(response.chunk.session_id)
+            outbox.answer(response)
+
+    async def _answer(
+        self,
+        request: pb.ChunkRequest,
+        received: float,
+        response: pb.ChunkResponse,
+        watcher: Watcher | None = None,
+    ) -> pb.ChunkError | None:
+        """Write the chunk's result into `response`, or return its error."""
+        try:
+            result = await self._engine.step(chunk_from_pb(request), watcher)
+        except Exception as exc:
+            code, message = status_for(exc)
+            self._metrics.chunk_answered(time.perf_counter() - received, code.name)
+            return pb.ChunkError(
+                session_id=request.session_id,
+                request_id=request.request_id,
+                code=code.value[0],
+                message=message,
+            )
+        result_to_pb(result, request.request_id, response)
+        self._metrics.chunk_answered(time.perf_counter() - received)
+        return None
+
+
+async def _unary(context: grpc.aio.ServicerContext, call: Awaitable[_T]) -> _T:
+    try:
+        return await call
+    except Exception as exc:
+        await _abort(context, *status_for(exc))
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # it raises; this tells the type checker so

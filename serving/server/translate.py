@@ -1,0 +1,107 @@
+"""Protobuf <-> domain, and domain errors -> gRPC status codes: the one table of codes, for every RPC.
+
+Deadlines: grpcio cancels a handler whose deadline passes; the engine commits a chunk's state only after its
+run, so a cancelled chunk leaves its session as it was and a retry with the same offset is exactly-once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from serving.domain.chunks import Chunk, ChunkResult, OutputMode
+from serving.domain.errors import (
+    CapacityExceededError,
+    InvalidChunkError,
+    InvalidSessionIdError,
+    InvalidSnapshotError,
+    OffsetMismatchError,
+    ServingError,
+    SessionAlreadyExistsError,
+    SessionNotFoundError,
+    ShuttingDownError,
+    SnapshotModelMismatchError,
+)
+from serving.domain.sessions.store import EndReason, SessionEnd
+from serving.wire import pb
+from serving.wire.tensors import TensorDecodeError, decode
+
+logger = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[ServingError], grpc.StatusCode] = {
+    InvalidChunkError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidSessionIdError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidSnapshotError: grpc.StatusCode.INVALID_ARGUMENT,
+    SessionNotFoundError: grpc.StatusCode.NOT_FOUND,
+    SessionAlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    OffsetMismatchError: grpc.StatusCode.ABORTED,
+    SnapshotModelMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
+    CapacityExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
+}
+BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+_REASONS = {
+    EndReason.END: pb.END_REASON_END,
+    EndReason.TTL: pb.END_REASON_TTL,
+    EndReason.LIFETIME: pb.END_REASON_LIFETIME,
+    EndReason.CAPACITY: pb.END_REASON_CAPACITY,
+    EndReason.SHUTDOWN: pb.END_REASON_SHUTDOWN,
+}
+_OUTPUT_MODES = {pb.OUTPUT_MODE_ALL: OutputMode.ALL, pb.OUTPUT_MODE_LAST: OutputMode.LAST}
+
+
+def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for `error`; unexpected errors become a logged INTERNAL."""
+    code = STATUS_CODES.get(type(error)) if isinstance(error, ServingError) else None
+    if code is None:
+        logger.error("unexpected error while handling a request", exc_info=error)
+        return grpc.StatusCode.INTERNAL, "internal server error (logged on the server)"
+    return code, str(error)
+
+
+def chunk_from_pb(request: pb.ChunkRequest) -> Chunk:
+    """The domain chunk of a request; `InvalidChunkError` when its tensor or output mode does not parse."""
+    try:
+        inputs = decode(request.inputs)
+    except TensorDecodeError as exc:
+        raise InvalidChunkError(f"inputs: {exc}") from exc
+    mode = _OUTPUT_MODES.get(request.outputs)
+    if mode is None:
+        raise InvalidChunkError(f"unknown outputs mode {request.outputs}")
+    return Chunk(
+        session_id=request.session_id,
+        inputs=inputs,
+        offset=request.offset,
+        start=request.start,
+        end=request.end,
+        reset=request.reset,
+        snapshot=request.snapshot,
+        outputs=mode,
+    )
+
+
+def result_to_pb(
+    result: ChunkResult, request_id: str, response: pb.ChunkResponse | None = None
+) -> pb.ChunkResponse:
+    """The response message of a chunk's result, written into `response` when given (e.g. a StreamResponse's
+    `chunk`): a nested message assigned whole would be copied, and this runs for every chunk."""
+    response = pb.ChunkResponse() if response is None else response
+    response.session_id = result.session_id
+    response.request_id = request_id
+    response.offset = result.offset
+    response.steps = result.steps
+    response.ended = result.ended
+    response.replayed = result.replayed
+    # The engine's outputs are always float32: the fields go straight in, without building a Tensor to copy.
+    outputs = response.outputs
+    outputs.dtype = pb.DTYPE_FLOAT32
+    outputs.shape[:] = result.outputs.shape
+    outputs.data = result.outputs.astype("<f4", copy=False).tobytes()
+    return response
+
+
+def end_notice(ended: SessionEnd) -> pb.StreamResponse:
+    """The in-band message telling a stream that one of its sessions has ended."""
+    notice = pb.SessionEnded(session_id=ended.session_id, reason=_REASONS[ended.reason], steps=ended.steps)
+    return pb.StreamResponse(session_ended=notice)
