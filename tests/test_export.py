@@ -20,6 +20,7 @@ onnx = pytest.importorskip("onnx")
 from export import CARD_FILE, ONNX_FILE, ExportError, export_artifact  # noqa: E402
 from export import artifact as artifact_module  # noqa: E402
 from export.onnx_export import to_onnx  # noqa: E402
+from modelcard import INPUT_NAMES, OUTPUT_NAMES, spec_from_card  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.model import SequenceModel  # noqa: E402
 from training.tasks import get_task  # noqa: E402
@@ -152,6 +153,28 @@ def test_card_describes_the_artifact(artifact: Path) -> None:
     assert card["output"]["labels"] == checkpoint.task.output_labels
     assert card["training"] == checkpoint.metrics
     assert set(card["exporter"]) == {"torch", "onnx", "onnxruntime"}
+
+
+def test_what_export_writes_is_what_serving_reads(artifact: Path) -> None:
+    """One contract (modelcard): the card export wrote parses as the spec serving loads, and the graph's
+    tensors carry the contract's names, so neither side can drift alone."""
+    card, checkpoint = _card(artifact), load_checkpoint(artifact)
+    spec = spec_from_card(card)
+    config = checkpoint.config
+    assert (spec.input_kind, spec.input_size, spec.output_size) == (
+        config.input_kind,
+        config.input_size,
+        config.output_size,
+    )
+    assert (spec.layers, spec.hidden, spec.fingerprint) == (
+        card["layers"],
+        card["hidden"],
+        card["onnx_sha256"],
+    )
+    assert card["input"]["dtype"] == spec.input_dtype.name
+    session = _session(artifact)
+    assert tuple(arg.name for arg in session.get_inputs()) == INPUT_NAMES
+    assert tuple(arg.name for arg in session.get_outputs()) == OUTPUT_NAMES
 
 
 def test_card_records_parity_within_tolerance(artifact: Path) -> None:
