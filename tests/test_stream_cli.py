@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +148,11 @@ def test_command_line_prints_results_and_one_line_errors(
     assert main(["stream", "--target", UNREACHABLE, str(good)]) == 1
     errors = capsys.readouterr().err
     assert f"cannot reach a Conveyor server at {UNREACHABLE}" in errors and "Traceback" not in errors
+
+
+def test_the_installed_console_script_runs() -> None:
+    """`conveyor` as pip installed it (the entry point in pyproject.toml), not `main` imported by a test."""
+    script = Path(sys.executable).with_name("conveyor")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "serve" in result.stdout and "stream" in result.stdout
