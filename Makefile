@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SRC := modelcard training export serving tests scripts
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test prometheus bench e2e-compose lint typecheck proto proto-check train export experiment experiment-quick serve clean
+.PHONY: help setup demo test services bench e2e-compose lint typecheck proto proto-check train export experiment experiment-quick serve clean
 
 help: ## List what you can do
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -23,13 +23,20 @@ setup: $(STAMP) ## Create .venv and install Conveyor with training and dev tools
 demo: $(STAMP) ## Train + export the language model if missing, serve it, stream the France story through gRPC
 	$(BIN)/conveyor demo
 
-test: $(STAMP) prometheus proto-check lint typecheck ## Run the test suite, ruff and mypy
+test: $(STAMP) services proto-check lint typecheck ## Run the test suite, ruff and mypy
 	$(BIN)/pytest
 
-# promtool and prometheus run the rule tests and the dashboard-query test; Debian packages them.
-prometheus: ## Install Prometheus + promtool from Debian when missing (deploy tests)
-	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } \
-		|| echo "prometheus could not be installed: the deploy tests will be skipped"
+# Tests start their own Prometheus (rule tests, dashboard queries) and redis-server (durable sessions) on free
+# loopback ports; Debian packages both.
+services: ## Install Prometheus, promtool and redis-server from Debian when missing (the tests start their own)
+	@missing=""; \
+	for pair in promtool:prometheus redis-server:redis-server; do \
+		command -v "$${pair%%:*}" >/dev/null || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		{ apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; } \
+			|| echo "could not install$$missing: the tests that need it will be skipped"; \
+	fi
 
 # The benchmark's model: the sensor task widened to 256 hidden units, the size the throughput targets were
 # written for (ONNX Runtime: ~22k steps/s one row at a time, ~140k in batches of 64). Speed does not depend

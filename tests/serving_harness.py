@@ -9,7 +9,6 @@ import functools
 import json
 import queue
 import re
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +35,7 @@ def running(
     artifact: Path,
     *,
     runner: StepRunner | None = None,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] | None = None,
     **overrides: Any,
 ) -> Iterator[RunningServer]:
     """A server for `artifact` on free ports with a fresh registry, stopped on exit."""

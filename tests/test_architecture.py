@@ -39,7 +39,7 @@ LAZY_ONLY = {"serving.cli": {"training", "export"}}
 FORBIDDEN_LIBRARIES: dict[str, set[str]] = {
     "modelcard": {"torch", "onnxruntime", "grpc", "onnx"},
     "serving": {"torch", "onnx"},
-    "serving.domain": {"grpc", "grpc_health", "grpc_reflection", "onnxruntime", "prometheus_client"},
+    "serving.domain": {"grpc", "grpc_health", "grpc_reflection", "onnxruntime", "prometheus_client", "redis"},
     "serving.wire": {"onnxruntime"},
     "serving.client": {"onnxruntime"},
 }

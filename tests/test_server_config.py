@@ -29,6 +29,7 @@ def test_every_field_has_a_conveyor_variable() -> None:
         "CONVEYOR_MAX_INFLIGHT_PER_STREAM": "64",
         "CONVEYOR_ORT_INTRA_OP_THREADS": "2",
         "CONVEYOR_GRACE_S": "3",
+        "CONVEYOR_STORE": "redis://sessions:6379/2",
         "UNRELATED": "ignored",
     }
     config = ServerConfig.from_env(env)
@@ -43,6 +44,7 @@ def test_every_field_has_a_conveyor_variable() -> None:
     assert (config.max_delay_ms, config.idle_ttl_s, config.grace_s) == (0.5, 30.0, 3.0)
     assert config.evict_lru_at_capacity is True and config.ort_intra_op_threads == 2
     assert config.inline_batch_max_ms == 0
+    assert config.store == "redis://sessions:6379/2"
 
 
 def test_defaults_and_overrides() -> None:
@@ -65,6 +67,10 @@ def test_defaults_and_overrides() -> None:
         ({"CONVEYOR_IDLE_TTL_S": "0"}, "idle_ttl_s .* must be a number of seconds > 0"),
         ({"CONVEYOR_MAX_DELAY_MS": "-1"}, "max_delay_ms .* must be a number >= 0"),
         ({"CONVEYOR_INLINE_BATCH_MAX_MS": "-0.1"}, "inline_batch_max_ms .* must be a number >= 0"),
+        (
+            {"CONVEYOR_STORE": "postgres://db"},
+            r'store \(env CONVEYOR_STORE\) must be "memory" or a Redis URL',
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:

@@ -253,7 +253,7 @@ def test_every_domain_error_has_one_status_code_and_the_unexpected_are_internal(
     assert status_for(InvalidChunkError("bad")) == (Code.INVALID_ARGUMENT, "bad")
     assert status_for(ShuttingDownError())[0] == Code.UNAVAILABLE
     assert all(issubclass(kind, ServingError) for kind in STATUS_CODES)
-    with caplog.at_level(logging.ERROR, logger="serving.server.service"):
+    with caplog.at_level(logging.ERROR, logger="serving.server.translate"):
         code, message = status_for(KeyError("secret internals"))
     assert code == Code.INTERNAL and "secret" not in message
     assert "secret internals" in caplog.text and caplog.records[0].exc_info is not None

@@ -16,6 +16,7 @@ from fakes import FakeClock
 from serving.domain.errors import (
     CapacityExceededError,
     InvalidSnapshotError,
+    SessionMovedError,
     SessionNotFoundError,
     SnapshotModelMismatchError,
 )
@@ -241,7 +242,7 @@ def test_a_stale_copy_is_never_committed() -> None:
         await life.start("raced", 1)
         stale = await life.sessions.get("raced")
         await life.advance("raced", 2, 1.0, offset=1)
-        with pytest.raises(SessionNotFoundError):
+        with pytest.raises(SessionMovedError, match="advanced to 2 steps by another server"):
             await life.sessions.commit("raced", stale, _state(9.0), 2, _replay(1))
         current = await life.sessions.get("raced")
         assert current.steps == 2 and np.array_equal(current.state, _state(1.0))
@@ -251,12 +252,12 @@ def test_a_stale_copy_is_never_committed() -> None:
     _run(scenario)
 
 
-def test_end_all_tells_listeners_with_the_reason() -> None:
+def test_shutdown_ends_every_session_and_tells_listeners_why() -> None:
     async def scenario() -> None:
         life = Lifecycle(FakeClock())
         await life.start("x", 3)
         await life.start("y", 4)
-        await life.sessions.end_all(EndReason.SHUTDOWN)
+        await life.sessions.shutdown()
         assert len(life.sessions) == 0 and {(e.session_id, e.reason) for e in life.ended} == {
             ("x", EndReason.SHUTDOWN),
             ("y", EndReason.SHUTDOWN),

@@ -66,7 +66,7 @@ def experiment(args: argparse.Namespace) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    from serving.domain.errors import ModelLoadError
+    from serving.domain.errors import ModelLoadError, StoreUnavailableError
     from serving.server.app import serve as run_server
     from serving.server.config import ConfigError, ServerConfig
 
@@ -81,7 +81,7 @@ def serve(args: argparse.Namespace) -> None:
         "idle_ttl_s": args.idle_ttl_s,
     }
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with _user_errors(ConfigError, ModelLoadError, OSError):
+    with _user_errors(ConfigError, ModelLoadError, StoreUnavailableError, OSError):
         config = ServerConfig.from_env(os.environ, **{k: v for k, v in flags.items() if v is not None})
         run_server(config)
 

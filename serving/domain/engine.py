@@ -16,6 +16,7 @@ from serving.domain.chunks import Chunk, ChunkResult, OutputMode, ServedModel, c
 from serving.domain.errors import (
     OffsetMismatchError,
     SessionAlreadyExistsError,
+    SessionMovedError,
     SessionNotFoundError,
     ShuttingDownError,
 )
@@ -75,7 +76,13 @@ class Engine:
         session_id = chunk.session_id or uuid.uuid4().hex
         job = _Job(session_id, chunk, _replay_key(chunk), watcher)
         async with self._admission.hold(session_id):
-            return await (self._start(job) if chunk.start else self._continue(job))
+            try:
+                return await self._apply_or_replay(job)
+            except SessionMovedError:
+                # Another server (sharing the store) applied a chunk meanwhile; this run was discarded.
+                # Judged again against the session as it now stands: the same chunk is then a replay, any
+                # other an offset mismatch.
+                return await self._apply_or_replay(job)
 
     async def end_session(self, session_id: str) -> int:
         """End a live session; returns its step count."""
@@ -92,11 +99,15 @@ class Engine:
         self._notices.unwatch(session_ids, watcher)
 
     async def close(self, grace_s: float) -> None:
-        """Refuse new work, give in-flight chunks `grace_s` to finish, then end every session (shutdown)."""
+        """Refuse new work and give in-flight chunks `grace_s` to finish. Then every session ends (shutdown),
+        unless the store keeps them for the next server."""
         self._sessions.stop_sweeper()
         await self._admission.close(grace_s)
         self._closed = True
-        await self._sessions.end_all(EndReason.SHUTDOWN)
+        await self._sessions.shutdown()
+
+    async def _apply_or_replay(self, job: _Job) -> ChunkResult:
+        return await (self._start(job) if job.chunk.start else self._continue(job))
 
     async def _start(self, job: _Job) -> ChunkResult:
         existing = await self._sessions.find(job.session_id)

@@ -56,6 +56,18 @@ class OffsetMismatchError(ServingError):
         self.steps = steps
 
 
+class SessionMovedError(ServingError):
+    """Another server applied a chunk to the session while this one ran its chunk (a shared store's
+    compare-and-set refused the stale write). The engine answers again from the session as it now stands;
+    only a session that keeps moving under it reaches the client (ABORTED: resend at the server's count)."""
+
+    def __init__(self, session_id: str, steps: int) -> None:
+        super().__init__(
+            f"session {session_id!r} was advanced to {steps} steps by another server while this chunk ran: "
+            f"resend from offset {steps}"
+        )
+
+
 class CapacityExceededError(ServingError):
     """The server holds its maximum number of sessions and is configured not to evict."""
 
@@ -76,6 +88,16 @@ class SnapshotModelMismatchError(ServingError):
         super().__init__(
             f"the snapshot was taken on model {snapshot_fingerprint[:12]} but this server runs "
             f"{model_fingerprint[:12]}: restore it on a replica serving that model"
+        )
+
+
+class StoreUnavailableError(ServingError):
+    """The session store cannot be reached (or refused the operation); nothing was applied. Retryable."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"the session store is unreachable ({detail}): nothing was applied; "
+            "retry the chunk with the same offset"
         )
 
 

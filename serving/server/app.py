@@ -12,8 +12,7 @@ import logging
 import math
 import signal
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from wsgiref.simple_server import WSGIServer
@@ -35,12 +34,12 @@ from serving.domain.chunks import ServedModel
 from serving.domain.engine import Engine
 from serving.domain.runner import StepRunner
 from serving.domain.sessions.lifecycle import SessionLimits, Sessions
-from serving.domain.sessions.memory import InMemorySessionStore
 from serving.server.config import ServerConfig
 from serving.server.interceptor import RpcMetricsInterceptor
 from serving.server.metrics import ConveyorMetrics
 from serving.server.onnx_runner import OnnxStepRunner
 from serving.server.service import ConveyorServicer
+from serving.server.stores import open_store
 from serving.wire import pb, pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -60,6 +59,7 @@ class _App:
     engine: Engine
     servicer: ConveyorServicer
     batcher: Batcher
+    close_store: Callable[[], Awaitable[None]]
     http: WSGIServer  # serves /metrics
     port: int
     metrics_port: int
@@ -72,6 +72,7 @@ class _App:
         self.servicer.close_streams()
         await self.server.stop(_FINAL_GRACE_S)
         self.batcher.close()
+        await self.close_store()
         await asyncio.to_thread(_close_http, self.http)
         self.stopped.set()
 
@@ -124,13 +125,14 @@ def build_server(
     registry: CollectorRegistry | None = None,
     *,
     runner: StepRunner | None = None,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] | None = None,
 ) -> RunningServer:
     """Load the model, start gRPC and /metrics, and return once health says SERVING.
 
     Port 0 (gRPC or metrics) binds a free port; the handle's `port` and `metrics_port` are the real ones.
-    `runner` replaces loading `config.model_dir`; `clock` drives session expiry (both for tests).
-    Raises `ModelLoadError` when the model cannot be served; `OSError` or `RuntimeError` when a port is taken.
+    `runner` replaces loading `config.model_dir`; `clock` replaces the store's clock for session expiry (both
+    for tests). Raises `ModelLoadError` when the model cannot be served, `StoreUnavailableError` when the
+    session store cannot be reached, `OSError` or `RuntimeError` when a port is taken.
     """
     runner = runner or OnnxStepRunner.load(config.model_dir, intra_op_threads=config.ort_intra_op_threads)
     registry = registry or _process_registry()
@@ -171,7 +173,7 @@ def _run_loop(
     config: ServerConfig,
     registry: CollectorRegistry,
     runner: StepRunner,
-    clock: Callable[[], float],
+    clock: Callable[[], float] | None,
     started: concurrent.futures.Future[tuple[_App, asyncio.AbstractEventLoop]],
 ) -> None:
     async def main() -> None:
@@ -187,7 +189,7 @@ def _run_loop(
 
 
 async def _start(
-    config: ServerConfig, registry: CollectorRegistry, runner: StepRunner, clock: Callable[[], float]
+    config: ServerConfig, registry: CollectorRegistry, runner: StepRunner, clock: Callable[[], float] | None
 ) -> _App:
     spec = runner.spec
     metrics = ConveyorMetrics(registry)
@@ -200,7 +202,8 @@ async def _start(
         replay_window_s=config.replay_window_s,
     )
     model = ServedModel(spec, config.max_chunk_steps, config.idle_ttl_s)
-    sessions = Sessions(InMemorySessionStore(model.state_shape), limits, clock=clock)
+    opened = await open_store(config, model, metrics)
+    sessions = Sessions(opened.store, limits, clock=clock or opened.clock)
     metrics.track_sessions(sessions.__len__, math.prod(model.state_shape) * 4, config.max_sessions)
     batcher = Batcher(
         runner,
@@ -225,17 +228,33 @@ async def _start(
     )
     reflection.enable_server_reflection(names, server)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port, http = _bind(server, config, registry)
+    try:
+        port, http = _bind(server, config, registry)
+    except BaseException:
+        await opened.close()
+        raise
     try:
         await server.start()
     except BaseException:
         _close_http(http)
+        await opened.close()
         raise
     sessions.start_sweeper(config.sweep_interval_s)
     # The runner was loaded and warmed up before this point: ready to serve.
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = int(http.server_address[1])
-    return _App(server, health_servicer, engine, servicer, batcher, http, port, metrics_port, asyncio.Event())
+    return _App(
+        server,
+        health_servicer,
+        engine,
+        servicer,
+        batcher,
+        opened.close,
+        http,
+        port,
+        metrics_port,
+        asyncio.Event(),
+    )
 
 
 async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "CONVEYOR_"
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_STORE_FORMS = '"memory" or a Redis URL (redis://HOST:PORT/DB, rediss://..., unix://PATH)'
 
 
 class ConfigError(ValueError):
@@ -41,6 +43,9 @@ class ServerConfig:
     max_inflight_per_stream: int = 256  # unanswered chunks one stream may have before it is read no further
     ort_intra_op_threads: int = 1  # ONNX Runtime threads per batch; parallelism comes from batching
     grace_s: float = 10.0  # on stop, how long in-flight chunks get to finish
+    # Where sessions live: "memory" (this process only) or a Redis URL (redis://host:6379/0, rediss://, unix://),
+    # which every replica serving the same model shares and which keeps sessions across restarts.
+    store: str = "memory"
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
@@ -52,6 +57,7 @@ class ServerConfig:
             _check(name, getattr(self, name) > 0, "a number of seconds > 0")
         for name in ("max_delay_ms", "inline_batch_max_ms", "grace_s"):
             _check(name, getattr(self, name) >= 0, "a number >= 0")
+        _check("store", self.store == "memory" or self.store.startswith(_REDIS_SCHEMES), _STORE_FORMS)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> ServerConfig:

@@ -82,6 +82,18 @@ class ConveyorMetrics:
             "Timesteps a session consumed, when it ended.",
             SESSION_TIMESTEP_BUCKETS,
         )
+        self._store_round_trip = histogram(
+            "conveyor_store_round_trip_seconds", "One pipeline to the session store.", LATENCY_BUCKETS_S
+        )
+        self._store_operations = histogram(
+            "conveyor_store_operations", "Session-store calls per round trip.", BATCH_BUCKETS
+        )
+        self._store_errors = Counter(
+            "conveyor_store_errors",
+            "Failed session-store round trips, by kind.",
+            ("kind",),
+            registry=registry,
+        )
         self._children: dict[tuple[str, ...], Any] = {}
 
     def set_model(self, name: str, fingerprint: str) -> None:
@@ -118,6 +130,15 @@ class ConveyorMetrics:
         """A chunk was run and its state committed."""
         self._timesteps.inc(timesteps)
         self._chunk_steps.observe(timesteps)
+
+    def observe_store_round_trip(self, seconds: float, operations: int) -> None:
+        """One pipeline of `operations` session-store calls took `seconds`."""
+        self._store_round_trip.observe(seconds)
+        self._store_operations.observe(operations)
+
+    def store_error(self, kind: str) -> None:
+        """A session-store round trip failed: "unreachable" or "refused"."""
+        self._child(self._store_errors, kind).inc()
 
     def chunk_answered(self, latency_s: float, error_code: str | None = None) -> None:
         """A chunk was answered `latency_s` after receipt; `error_code` names a failure's gRPC code."""

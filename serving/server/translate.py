@@ -19,9 +19,11 @@ from serving.domain.errors import (
     OffsetMismatchError,
     ServingError,
     SessionAlreadyExistsError,
+    SessionMovedError,
     SessionNotFoundError,
     ShuttingDownError,
     SnapshotModelMismatchError,
+    StoreUnavailableError,
 )
 from serving.domain.sessions.store import EndReason, SessionEnd
 from serving.wire import pb
@@ -36,9 +38,11 @@ STATUS_CODES: dict[type[ServingError], grpc.StatusCode] = {
     SessionNotFoundError: grpc.StatusCode.NOT_FOUND,
     SessionAlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     OffsetMismatchError: grpc.StatusCode.ABORTED,
+    SessionMovedError: grpc.StatusCode.ABORTED,
     SnapshotModelMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     CapacityExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
 BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 _REASONS = {

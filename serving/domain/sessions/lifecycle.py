@@ -15,7 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.domain.errors import CapacityExceededError, SessionAlreadyExistsError, SessionNotFoundError
+from serving.domain.errors import (
+    CapacityExceededError,
+    SessionMovedError,
+    SessionNotFoundError,
+)
 from serving.domain.sessions.replays import EndedReplay, EndedReplays
 from serving.domain.sessions.store import (
     EVERYTHING,
@@ -106,14 +110,17 @@ class Sessions:
             await self._make_room()
             if not await self._store.create(session_id, Session(state, steps, now, now, replay)):
                 current = await self._store.get(session_id, now)  # started by another server meanwhile
-                raise SessionAlreadyExistsError(session_id, 0 if current is None else current.steps)
+                raise SessionMovedError(session_id, 0 if current is None else current.steps)
             self._ended.discard(session_id)  # the id starts over: its old session's replay is void
             return True
         created_s = now if restart else previous.created_s
         successor = Session(state, steps, created_s, now, replay)
-        if not await self._store.replace(session_id, successor, steps=previous.steps):
+        if await self._store.replace(session_id, successor, steps=previous.steps):
+            return False
+        current = await self._store.get(session_id, now)
+        if current is None:
             raise SessionNotFoundError(session_id)  # ended while its chunk ran
-        return False
+        raise SessionMovedError(session_id, current.steps)  # another server applied a chunk meanwhile
 
     async def end(self, session_id: str, reason: EndReason, *, keep_replay: bool = False) -> SessionEnd:
         """End a live session now; raises `SessionNotFoundError`. `keep_replay`: it ended with its own last
@@ -130,11 +137,15 @@ class Sessions:
         """The last chunk's replay of a session ended with `keep_replay`, within the replay window."""
         return self._ended.get(session_id, self._clock())
 
-    async def end_all(self, reason: EndReason) -> None:
-        """End every session."""
+    async def shutdown(self) -> None:
+        """Stop sweeping; end every session (reason shutdown), unless the store keeps them for the next
+        server."""
+        self.stop_sweeper()
+        if self._store.durable:
+            return
         async for removed in self._store.expire(EVERYTHING):
             for session_id, session, _ in removed:
-                self._tell(session_id, session, reason)
+                self._tell(session_id, session, EndReason.SHUTDOWN)
 
     async def sweep(self) -> None:
         """End every session past its idle TTL or lifetime; drop replays past the replay window. Other work

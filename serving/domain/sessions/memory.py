@@ -33,6 +33,8 @@ class _Entry(NamedTuple):
 class InMemorySessionStore:
     """Sessions of one process, lost with it. States are float32 rows of `state_shape`."""
 
+    durable = False
+
     def __init__(self, state_shape: tuple[int, ...]) -> None:
         self._entries: dict[str, _Entry] = {}
         self._shape = state_shape

@@ -80,8 +80,13 @@ EVERYTHING = Cutoffs(float("inf"), float("inf"), float("inf"))  # every session 
 class SessionStore(Protocol):
     """Where sessions live. The in-memory store is the default; other backends implement these calls.
 
-    A stored state may be a view of a larger array (the batcher's rows are): a store keeps its own copy.
+    A stored state may be a view of a larger array (the batcher's rows are): a store keeps its own copy. A
+    backend that cannot be reached raises `StoreUnavailableError` from any call.
     """
+
+    # True when sessions outlive this process (a shared store): a shutdown then leaves them for the next
+    # server instead of ending them.
+    durable: bool
 
     async def get(self, session_id: str, now: float) -> Session | None:
         """The session as it was before this look-up, which is a use: its last use becomes `now`."""
