@@ -26,12 +26,13 @@ demo: $(STAMP) ## Train + export the language model if missing, serve it, stream
 test: $(STAMP) services proto-check lint typecheck ## Run the test suite, ruff and mypy
 	$(BIN)/pytest
 
-# Tests start their own Prometheus (rule tests, dashboard queries) and redis-server (durable sessions) on free
-# loopback ports; Debian packages both.
-services: ## Install Prometheus, promtool and redis-server from Debian when missing (the tests start their own)
+# Tests start their own Prometheus (rule tests, dashboard queries), redis-server (durable sessions) and nginx
+# (routing) on free loopback ports; Debian packages all three.
+services: ## Install Prometheus, redis-server and nginx from Debian when missing (the tests start their own)
 	@missing=""; \
-	for pair in promtool:prometheus redis-server:redis-server; do \
-		command -v "$${pair%%:*}" >/dev/null || missing="$$missing $${pair##*:}"; \
+	for pair in promtool:prometheus redis-server:redis-server nginx:nginx; do \
+		tool="$${pair%%:*}"; command -v "$$tool" >/dev/null || [ -x "/usr/sbin/$$tool" ] \
+			|| missing="$$missing $${pair##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		{ apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; } \

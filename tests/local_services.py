@@ -1,10 +1,13 @@
-"""Real services for tests, started on free loopback ports and stopped afterwards: redis-server (Debian's)."""
+"""Real services for tests, started on free loopback ports and stopped afterwards: redis-server and nginx
+(Debian's), and `conveyor serve` in processes of its own."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +52,7 @@ class RedisServer:
                 client.close()
                 return
             except redis.ConnectionError:
+                assert self._process.poll() is None, f"redis-server exited: {self._process.returncode}"
                 assert time.monotonic() < deadline, "redis-server did not start"
                 time.sleep(0.02)
 
@@ -75,3 +79,98 @@ def redis_server(directory: Path, *, durable: bool = False) -> Iterator[RedisSer
         yield server
     finally:
         server.stop()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
+
+
+@contextmanager
+def conveyor_process(artifact: Path, store: str, port: int | None = None) -> Iterator[ServerProcess]:
+    """`conveyor serve` for `artifact` on `store`, in a process of its own, SERVING; killed on exit."""
+    server = ServerProcess(artifact, store, port or free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+class ServerProcess:
+    """One `conveyor serve` process on a fixed port (so that a restart comes back where the proxy expects)."""
+
+    def __init__(self, artifact: Path, store: str, port: int) -> None:
+        self.port = port
+        self.target = f"127.0.0.1:{port}"
+        self.metrics_port = free_port()
+        self._artifact, self._store = artifact, store
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start and wait until its health service says SERVING."""
+        from serving.client import ConveyorClient
+
+        env = {**os.environ, "CONVEYOR_STORE": self._store, "CONVEYOR_METRICS_PORT": str(self.metrics_port)}
+        command = [sys.executable, "-m", "serving.cli", "serve", "--model", str(self._artifact),
+                   "--port", str(self.port)]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        with ConveyorClient(self.target) as client:
+            client.wait_for_ready(timeout_s=60)
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, nothing flushed."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+    def terminate(self) -> int:
+        """SIGTERM: a graceful stop; returns the exit status."""
+        assert self.process is not None
+        self.process.terminate()
+        status = self.process.wait(30)
+        self.process = None
+        return status
+
+
+@contextmanager
+def nginx_proxy(directory: Path, upstreams: list[int], *, fail_timeout_s: int = 10) -> Iterator[int]:
+    """Debian's nginx with deploy/nginx/nginx.conf, its replicas replaced by `upstreams` (loopback ports) and
+    its passive-health timeout by `fail_timeout_s`; yields the port it listens on. Skips the test where nginx
+    is not installed."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.skip("nginx is not installed (apt-get install -y nginx; make test does)")
+    port = free_port()
+    conf = NGINX_CONF.read_text().replace("listen 50051", f"listen 127.0.0.1:{port}")
+    servers = [f"server server-{i}:50051" for i in (1, 2)]
+    assert all(server in conf for server in servers), (
+        "deploy/nginx/nginx.conf no longer names server-1, server-2"
+    )
+    for server, upstream in zip(servers, upstreams, strict=True):
+        conf = conf.replace(server, f"server 127.0.0.1:{upstream}")
+    conf = conf.replace("fail_timeout=10s", f"fail_timeout={fail_timeout_s}s")
+    (directory / "nginx.conf").write_text(conf)
+    globals_ = f"daemon off; pid {directory}/nginx.pid; error_log {directory}/error.log;"
+    process = subprocess.Popen(
+        [nginx, "-p", str(directory), "-c", str(directory / "nginx.conf"), "-g", globals_]
+    )
+    try:
+        _wait_for_port(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on port {port}"
+            time.sleep(0.02)

@@ -5,20 +5,18 @@ each whole sequence, and the offsets: no step lost, none applied twice."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from local_services import RedisServer, free_port, redis_server
+from local_services import RedisServer, conveyor_process, free_port, redis_server
 from serving_harness import assert_close, chunk, connect, make_inputs, offline, outputs, running, scrape
 
 from serving.client import ClientOptions, ConveyorClient, ConveyorError, RetryPolicy
@@ -65,23 +63,6 @@ def test_a_restarted_server_resumes_every_session(token_artifact: Path, redis: R
             assert_close(np.concatenate([first[session_id], rest]), offline(token_artifact, x))
 
 
-@contextmanager
-def _server_process(artifact: Path, store: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`conveyor serve` in a process of its own, on free ports, SERVING; killed on exit."""
-    port = free_port()
-    env = {**os.environ, "CONVEYOR_STORE": store, "CONVEYOR_METRICS_PORT": str(free_port())}
-    command = [sys.executable, "-m", "serving.cli", "serve", "--model", str(artifact), "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target = f"127.0.0.1:{port}"
-    try:
-        with ConveyorClient(target) as client:
-            client.wait_for_ready(timeout_s=60)
-        yield process, target
-    finally:
-        process.kill()
-        process.wait(10)
-
-
 def test_kill_9_mid_stream_loses_no_step(token_artifact: Path, redis: RedisServer) -> None:
     """Streams run on replica A until it is killed (SIGKILL) mid-stream. Each client then does what a client
     does when its connection breaks: resends the chunk whose answer it lost, at the same offset, to replica
@@ -89,9 +70,10 @@ def test_kill_9_mid_stream_loses_no_step(token_artifact: Path, redis: RedisServe
     from its replay, one it did not is applied now; either way the offsets line up."""
     sequences = _sequences(token_artifact)
     with (
-        _server_process(token_artifact, redis.url) as (a, target_a),
-        _server_process(token_artifact, redis.url) as (_, target_b),
+        conveyor_process(token_artifact, redis.url) as replica_a,
+        conveyor_process(token_artifact, redis.url) as replica_b,
     ):
+        target_a, target_b = replica_a.target, replica_b.target
         acknowledged: dict[str, list[np.ndarray]] = {session_id: [] for session_id in sequences}
         lost: dict[str, int] = {}  # the offset of the chunk whose answer never came
         under_way = threading.Barrier(len(sequences) + 1)
@@ -114,8 +96,7 @@ def test_kill_9_mid_stream_loses_no_step(token_artifact: Path, redis: RedisServe
         for thread in threads:
             thread.start()
         under_way.wait(30)  # every stream has 4 steps acknowledged and is sending more
-        a.send_signal(signal.SIGKILL)
-        a.wait(10)
+        replica_a.kill()
         for thread in threads:
             thread.join(30)
         assert set(lost) == set(sequences)  # every stream was cut off mid-sequence

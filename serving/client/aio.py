@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, Self, TypeVar
@@ -30,12 +31,11 @@ from serving.client.core import (
     ModelInfo,
     Outputs,
     ReadinessCheck,
-    SessionCursor,
-    SessionHandle,
     Snapshot,
-    not_found_is_ended,
     retry_delay,
+    route_metadata,
 )
+from serving.client.cursor import SessionCursor, SessionHandle, not_found_is_ended
 from serving.wire import pb, pb_grpc
 
 T = TypeVar("T")
@@ -47,11 +47,11 @@ _CLOSE_GRACE_S = 1.0
 class _Stream:
     """One open Stream call and the requests awaiting their answers on it; once broken, never reused."""
 
-    def __init__(self, stub: Any, on_ended: Callable[[pb.SessionEnded], None]) -> None:
+    def __init__(self, stub: Any, route_key: str, on_ended: Callable[[pb.SessionEnded], None]) -> None:
         self._outbox: asyncio.Queue[pb.ChunkRequest | None] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future[pb.ChunkResponse]] = {}
         self._on_ended = on_ended
-        self._call = stub.Stream(self._requests())
+        self._call = stub.Stream(self._requests(), metadata=route_metadata(route_key))
         self._reader = asyncio.create_task(self._read())
         self.broken: ConveyorError | None = None
 
@@ -124,6 +124,7 @@ class AsyncConveyorClient:
         self._stub = pb_grpc.ConveyorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stream: _Stream | None = None
+        self._route_key = options.route_key or uuid.uuid4().hex  # one key: every stream goes the same way
         self._request_ids = itertools.count()
         # Live cursors by session id, so in-band SessionEnded notices reach their sessions.
         self._cursors: weakref.WeakValueDictionary[str, SessionCursor] = weakref.WeakValueDictionary()
@@ -218,7 +219,7 @@ class AsyncConveyorClient:
 
     def _open_stream(self) -> _Stream:
         if self._stream is None or self._stream.broken is not None:
-            self._stream = _Stream(self._stub, self._session_ended)
+            self._stream = _Stream(self._stub, self._route_key, self._session_ended)
         return self._stream
 
     def _session_ended(self, notice: pb.SessionEnded) -> None:
@@ -228,7 +229,10 @@ class AsyncConveyorClient:
             cursor.end_reason = pb.EndReason.Name(notice.reason).removeprefix("END_REASON_").lower()
 
     async def _unary(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        return await self._retrying(lambda: method(request, timeout=self.options.timeout_s), request)
+        route = route_metadata(getattr(request, "session_id", ""))
+        return await self._retrying(
+            lambda: method(request, timeout=self.options.timeout_s, metadata=route), request
+        )
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]], request: Any) -> T:
         backoffs = self.options.retry.backoffs()

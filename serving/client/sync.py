@@ -31,12 +31,11 @@ from serving.client.core import (
     ModelInfo,
     Outputs,
     ReadinessCheck,
-    SessionCursor,
-    SessionHandle,
     Snapshot,
-    not_found_is_ended,
     retry_delay,
+    route_metadata,
 )
+from serving.client.cursor import SessionCursor, SessionHandle, not_found_is_ended
 from serving.wire import pb, pb_grpc
 
 T = TypeVar("T")
@@ -118,7 +117,8 @@ class ConveyorClient:
         backoffs = self.options.retry.backoffs()
         while True:
             try:
-                return method(request, timeout=self.options.timeout_s)
+                route = route_metadata(getattr(request, "session_id", ""))
+                return method(request, timeout=self.options.timeout_s, metadata=route)
             except grpc.RpcError as exc:
                 delay = retry_delay(exc, backoffs)
             time.sleep(delay)
