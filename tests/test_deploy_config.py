@@ -63,6 +63,7 @@ def test_every_alert_has_a_firing_unit_test() -> None:
         "ConveyorChunkLatencyP99High",
         "ConveyorHighErrorRatio",
         "ConveyorSessionsNearCapacity",
+        "ConveyorSessionStoreUnreachable",
     }
     for alert in alerts:
         # A case that fires (exp_alerts with labels) and one that does not (exp_alerts: []).
