@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
+from local_services import redis_server
 
 from serving.bench.cli import add_arguments, options_from_args
 from serving.bench.grid import MODES, BenchError, BenchOptions, Row, plan
@@ -39,8 +40,10 @@ def _micro(model_dir: Path) -> BenchOptions:
 
 
 def test_every_mode_gives_complete_sane_rows(token_artifact: Path, tmp_path: Path) -> None:
-    options = _micro(token_artifact)
-    rows = run_bench(options)
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis") as redis:  # the durable mode's store
+        options = replace(_micro(token_artifact), store=redis.url)
+        rows = run_bench(options)
     assert [(r.mode, r.sessions, r.chunk_steps, r.history_steps) for r in rows] == [
         (c.mode, c.sessions, c.chunk_steps, c.history_steps) for c in plan(options)
     ]
@@ -58,7 +61,7 @@ def test_every_mode_gives_complete_sane_rows(token_artifact: Path, tmp_path: Pat
         else:
             assert row.channels == min(2, row.sessions)
             assert row.load_cpu_s_per_1k_steps is not None and row.load_cpu_s_per_1k_steps >= 0
-        if row.mode in ("batched", "unbatched", "stateless"):
+        if row.mode in ("batched", "durable", "unbatched", "stateless"):
             assert row.mean_batch is not None and 1 <= row.mean_batch <= row.sessions
         if row.mode == "unbatched":
             assert row.mean_batch == 1

@@ -24,6 +24,7 @@ _FIELDS = (
     "warmup_s",
     "max_batch_size",
     "repeats",
+    "store",
 )
 
 
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--warmup-s", type=float, help=f"warm-up per cell (default {full.warmup_s}; quick {fast.warmup_s})")
     add("--max-batch-size", type=int, help=f"the batched server's (default {full.max_batch_size})")
     add("--repeats", type=int, help="passes over the grid; each figure is the median (default 1)")
+    add("--store", help="a Redis URL: also run the durable mode, the server with its sessions there")
     add("--json", type=Path, help="write the rows (or the --memory result) as JSON here")
     add("--plot", type=Path, help="write a PNG of throughput and p99 latency against sessions here")
     add("--memory", action="store_true", help="measure what idle sessions cost in server memory instead")

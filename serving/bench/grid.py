@@ -1,7 +1,8 @@
 """What a bench run measures: its options, the cells of its grid, and the row each cell produces.
 
 Modes:
-    batched    the real server (cross-session batching up to `max_batch_size`)
+    batched    the real server (cross-session batching up to `max_batch_size`), sessions in memory
+    durable    the same server with its sessions in the Redis store at `--store` (run only when given)
     unbatched  the real server with max batch size 1
     stateless  the real server used as a stateless one: each call a fresh session (start + end) carrying the
                whole history, as a stateless server's client must; one new step per call
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-MODES = ("batched", "unbatched", "stateless", "ort_floor", "echo")
+MODES = ("batched", "durable", "unbatched", "stateless", "ort_floor", "echo")
 SERVER_MODES = ("batched", "stateless")  # the modes that can drive a server started by someone else
 
 
@@ -40,6 +41,7 @@ class BenchOptions:
     max_batch_size: int = 64  # the batched server's
     ort_threads: int = 1  # the server's ort_intra_op_threads, and ort_floor's
     repeats: int = 1  # passes over the grid; each figure is the median of its passes
+    store: str | None = None  # a Redis URL: adds the durable mode (its sessions in that store)
 
     def __post_init__(self) -> None:
         if (self.model_dir is None) == (self.target is None):
@@ -106,6 +108,8 @@ def plan(options: BenchOptions) -> list[Cell]:
     """The cells of a run, the modes of one shape next to each other: on a shared machine whose load drifts,
     the figures a target compares are then taken seconds apart, not minutes."""
     modes = [m for m in options.modes if m in SERVER_MODES] if options.target else list(options.modes)
+    if options.store is None and "durable" in modes:
+        modes.remove("durable")
     cells: list[Cell] = []
     for mode in modes:
         if mode == "stateless":

@@ -34,7 +34,7 @@ def run_bench(options: BenchOptions, on_row: Callable[[Row], None] | None = None
     cells = plan(options)
     passes: dict[Cell, list[Row]] = {cell: [] for cell in cells}
     with ExitStack() as stack:
-        hosts: dict[tuple[str, int], Host | None] = {}
+        hosts: dict[tuple[str, int, str], Host | None] = {}
         for cell in cells * options.repeats:
             key = _host_key(cell.mode, options)
             if key not in hosts:
@@ -58,23 +58,26 @@ def _median(rows: list[Row]) -> Row:
     )
 
 
-def _host_key(mode: str, options: BenchOptions) -> tuple[str, int]:
-    """What serves `mode`: (kind, max batch size); stateless uses the batched server."""
+def _host_key(mode: str, options: BenchOptions) -> tuple[str, int, str]:
+    """What serves `mode`: (kind, max batch size, session store); stateless uses the batched server."""
     if options.target is not None:
-        return ("target", 0)
+        return ("target", 0, "")
     if mode in ("ort_floor", "echo"):
-        return (mode, 0)
-    return ("server", 1 if mode == "unbatched" else options.max_batch_size)
+        return (mode, 0, "")
+    store = (options.store or "") if mode == "durable" else "memory"
+    return ("server", 1 if mode == "unbatched" else options.max_batch_size, store)
 
 
-def _host_for(key: tuple[str, int], options: BenchOptions) -> AbstractContextManager[Host | None]:
-    kind, batch = key
+def _host_for(key: tuple[str, int, str], options: BenchOptions) -> AbstractContextManager[Host | None]:
+    kind, batch, store = key
     if kind == "target":
         return hosting(None, options.target)
     if kind == "ort_floor":
         return nullcontext(None)
     assert options.model_dir is not None  # BenchOptions checks: a model or a target
-    config = {"max_batch_size": batch, "ort_intra_op_threads": options.ort_threads} if batch else {}
+    config: dict[str, Any] = {}
+    if batch:
+        config = {"max_batch_size": batch, "ort_intra_op_threads": options.ort_threads, "store": store}
     return hosting(HostSpec(kind, options.model_dir, config))
 
 

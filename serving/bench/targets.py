@@ -47,6 +47,7 @@ def check_targets(rows: Sequence[Row]) -> list[Check]:
     """Every target of the brief that `rows` can tell, met or not."""
     r = _Rows(rows)
     b64, b64_32, b1 = r.get("batched", 64), r.get("batched", 64, 32), r.get("batched", 1)
+    durable64 = r.get("durable", 64)
     stateful_1000, stateless_1000 = r.get("batched", 1, 1, 1000), r.get("stateless", 1, 1, 1000)
     echo1, floor1 = r.get("echo", 1), r.get("ort_floor", 1)
     floors = (
@@ -96,6 +97,12 @@ def check_targets(rows: Sequence[Row]) -> list[Check]:
             "stateless p50: history 1000 / history 100",
             r.ratio(stateless_1000, r.get("stateless", 1, 1, 100), p50),
             5,
+            True,
+        ),
+        Check(
+            "64 sessions x 1 step: durable (Redis store) / batched (in memory) steps/s",
+            r.ratio(durable64, b64, steps),
+            0.6,
             True,
         ),
         Check(

@@ -15,15 +15,16 @@ together in the next pipeline (the chunks of one batch commit in one round trip)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import redis.asyncio as redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -45,7 +46,13 @@ class StoreMetrics(Protocol):
         """A round trip failed: "unreachable" (connection, timeout) or "refused" (an error reply)."""
 
 
-_Queued = Callable[[Any], Awaitable[Any]]  # queues one call on a pipeline
+class _Call(NamedTuple):
+    """One script call waiting for the next round trip."""
+
+    digest: str  # the script's SHA1
+    keys: int  # how many of `arguments` are keys
+    arguments: tuple[Any, ...]
+    future: asyncio.Future[Any]
 
 
 class RedisSessionStore:
@@ -63,8 +70,9 @@ class RedisSessionStore:
         self._shape = state_shape
         self._ttl_ms = str(int(idle_ttl_s * 1000) + 60_000)  # a backstop: the sweep ends sessions first
         self._metrics = metrics
-        self._scripts = {name: client.register_script(lua) for name, lua in SCRIPTS.items()}
-        self._queue: list[tuple[_Queued, asyncio.Future[Any]]] = []
+        # Called by digest (EVALSHA): a script's text travels once, when it is loaded.
+        self._digests = {name: hashlib.sha1(lua.encode()).hexdigest() for name, lua in SCRIPTS.items()}
+        self._queue: list[_Call] = []
         self._flusher: asyncio.Task[None] | None = None
         self._count = 0  # live sessions, as of the last sweep and this server's own creates and ends
 
@@ -81,7 +89,7 @@ class RedisSessionStore:
         )
         store = cls(client, prefix=prefix, state_shape=state_shape, idle_ttl_s=idle_ttl_s, metrics=metrics)
         try:
-            await client.ping()
+            await store._load_scripts()
             store._count = int(await client.zcard(store._used))
         except (RedisError, OSError) as exc:
             await client.aclose()
@@ -156,16 +164,17 @@ class RedisSessionStore:
         return bool(written)
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        script = self._scripts[name]
-        return await self._call(lambda pipe: script(keys=keys, args=args, client=pipe))
-
-    async def _call(self, queue: _Queued) -> Any:
+        """Run script `name` in the next round trip and return its reply."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((queue, future))
+        self._queue.append(_Call(self._digests[name], len(keys), (*keys, *args), future))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush())
         return await future
+
+    async def _load_scripts(self) -> None:
+        for lua in SCRIPTS.values():
+            await self._client.script_load(lua)
 
     async def _flush(self) -> None:
         """Send what is queued as one pipeline; whatever was queued meanwhile goes in the next one."""
@@ -176,26 +185,35 @@ class RedisSessionStore:
         finally:
             self._flusher = None
 
-    async def _round_trip(self, calls: list[tuple[_Queued, asyncio.Future[Any]]]) -> None:
+    async def _round_trip(self, calls: list[_Call]) -> None:
         started = time.perf_counter()
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for queue, _ in calls:
-                    await queue(pipe)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._execute(calls)
+            lost = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+            if lost:  # Redis restarted and forgot the scripts: those calls did not run; load and resend them
+                await self._load_scripts()
+                for i, result in zip(lost, await self._execute([calls[i] for i in lost]), strict=True):
+                    results[i] = result
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             self._metrics.store_error("unreachable")
             _fail(calls, StoreUnavailableError(f"{type(exc).__name__}: {exc}"))
             return
         self._metrics.observe_store_round_trip(time.perf_counter() - started, len(calls))
-        for (_, future), result in zip(calls, results, strict=True):
-            if future.done():
+        for call, result in zip(calls, results, strict=True):
+            if call.future.done():
                 continue
             if isinstance(result, ResponseError):  # e.g. out of memory, or a read-only replica
                 self._metrics.store_error("refused")
-                future.set_exception(StoreUnavailableError(f"Redis refused the write: {result}"))
+                call.future.set_exception(StoreUnavailableError(f"Redis refused the write: {result}"))
             else:
-                future.set_result(result)
+                call.future.set_result(result)
+
+    async def _execute(self, calls: list[_Call]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(call.digest, call.keys, *call.arguments)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     def _decode(self, fields: list[Any]) -> Session:
         steps, created, used, state, replay = fields
@@ -211,10 +229,10 @@ class RedisSessionStore:
         )
 
 
-def _fail(calls: list[tuple[_Queued, asyncio.Future[Any]]], error: Exception) -> None:
-    for _, future in calls:
-        if not future.done():
-            future.set_exception(error)
+def _fail(calls: list[_Call], error: Exception) -> None:
+    for call in calls:
+        if not call.future.done():
+            call.future.set_exception(error)
 
 
 def _text(value: bytes | str) -> str:
