@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Build the local base image for machines without a container registry: a minimal Debian bookworm rootfs
-# (debootstrap, python3 3.11) imported with `docker import`. Skipped when the image already exists.
-# Usage: scripts/build_local_base.sh [IMAGE]   (default conveyor-base:bookworm)
+# (debootstrap, python3 3.11; redis-server and nginx for the compose profile "scale") imported with
+# `docker import`. Skipped when the image already exists (the tag's -2: the first had no redis-server, nginx).
+# Usage: scripts/build_local_base.sh [IMAGE]   (default conveyor-base:bookworm-2)
 set -euo pipefail
 
-image="${1:-${CONVEYOR_BASE_IMAGE:-conveyor-base:bookworm}}"
+image="${1:-${CONVEYOR_BASE_IMAGE:-conveyor-base:bookworm-2}}"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 
 if docker image inspect "$image" >/dev/null 2>&1; then
@@ -19,7 +20,7 @@ chmod 0755 "$rootfs"
 
 echo "debootstrap bookworm into $rootfs"
 # libstdc++6 and libgomp1: the manylinux wheels (onnxruntime, torch) expect them from the system.
-debootstrap --variant=minbase --include=python3,python3-venv,libstdc++6,libgomp1 \
+debootstrap --variant=minbase --include=python3,python3-venv,libstdc++6,libgomp1,redis-server,nginx \
     bookworm "$rootfs" "$mirror" >/dev/null
 # Slim the image: apt lists, docs and caches are not needed at run time.
 rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/usr/share/doc/* \

@@ -6,7 +6,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 image="${1:-${CONVEYOR_PROMETHEUS_IMAGE:-conveyor-prometheus:2.42.0-debian}}"
-base="${CONVEYOR_BASE_IMAGE:-conveyor-base:bookworm}"
+base="${CONVEYOR_BASE_IMAGE:-conveyor-base:bookworm-2}"
 binary="${PROMETHEUS_BINARY:-/usr/bin/prometheus}"
 
 if docker image inspect "$image" >/dev/null 2>&1; then

@@ -7,7 +7,10 @@
 #   4. failure paths: a trainer that fails keeps the server from ever starting; the server image refuses an
 #      empty or a corrupt model directory with a readable error;
 #   5. the stack: up -d, server healthy, the France story streamed through 127.0.0.1:50051 with the host's
-#      `conveyor stream` predicting "french", Prometheus's API returning conveyor_chunk_latency_seconds_count.
+#      `conveyor stream` predicting "french", Prometheus's API returning conveyor_chunk_latency_seconds_count;
+#   6. the profile "scale": two replicas on Redis behind nginx (127.0.0.1:50052); the story's first sentence
+#      goes to one replica, that replica is killed (SIGKILL), and the rest of the story, through nginx to the
+#      survivor, still predicts "french".
 # CONVEYOR_E2E_ARTIFACT=DIR (e.g. artifacts/language after `make demo`) seeds the volume with that exported
 # model, so the trainer takes its skip path instead of training (minutes); by default it trains.
 # Every stack it starts is taken down with `down -v` on exit, whatever happened. dockerd, when this script had to
@@ -74,7 +77,7 @@ cleanup() {
     set +e
     if ((${#compose[@]})); then
         for name in "$fail_project" "$project"; do
-            "${compose[@]}" -p "$name" "${files[@]}" down -v --remove-orphans >/dev/null 2>&1
+            "${compose[@]}" -p "$name" "${files[@]}" --profile scale down -v --remove-orphans >/dev/null 2>&1
         done
     fi
     [[ -n "$scratch" ]] && rm -rf "$scratch"
@@ -140,23 +143,24 @@ check_server_refuses_bad_models() {
     expect_refusal "a corrupt model" "$scratch/corrupt" "model"
 }
 
-wait_healthy() {
-    log "waiting for the server to be healthy (training runs first on a fresh volume)"
+wait_healthy() { # [service]
+    local service="${1:-server}"
+    log "waiting for $service to be healthy (training runs first on a fresh volume)"
     local deadline=$(($(date +%s) + health_timeout_s)) server_id state
     while (($(date +%s) < deadline)); do
-        server_id=$(container_of "$project" server)
+        server_id=$(container_of "$project" "$service")
         if [[ -n "$server_id" ]]; then
             state=$(docker inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$server_id")
             [[ "$state" == "running healthy" ]] && {
-                echo "ok: server $state"
+                echo "ok: $service $state"
                 return
             }
-            [[ "$state" == exited* ]] && die "the server exited" "$(docker logs "$server_id" 2>&1 | tail -n 20)"
+            [[ "$state" == exited* ]] && die "$service exited" "$(docker logs "$server_id" 2>&1 | tail -n 20)"
         fi
         sleep 3
     done
     "${compose[@]}" -p "$project" "${files[@]}" logs --tail=30 >&2
-    die "the server was not healthy within ${health_timeout_s}s"
+    die "$service was not healthy within ${health_timeout_s}s"
 }
 
 check_trainer_ran_once() {
@@ -172,16 +176,55 @@ check_trainer_ran_once() {
 
 check_stream() {
     log "streaming the France story through 127.0.0.1:50051"
-    local output last
+    local output
     # stderr (a progress bar) apart from the predictions, shown only when the stream fails.
     output=$(printf '%s' "$story" |
         "$conveyor" stream --target 127.0.0.1:50051 --top 3 - 2>"$scratch/stream.err") ||
         die "conveyor stream failed" "$output" "$(cat "$scratch/stream.err")"
     printf '%s\n' "$output"
     # The last chunk ends with "i speak fluent": its top predictions are for the word after it.
-    last=$(grep -- '->' <<<"$output" | tail -n 1)
-    grep -qw "french" <<<"${last#*->}" || die "'french' is not among the top predictions after 'i speak fluent'"
+    predicts_french "$output" || die "'french' is not among the top predictions after 'i speak fluent'"
     echo "ok: 'french' predicted after 'i speak fluent'"
+}
+
+chunks_answered() { # container -> conveyor_chunk_latency_seconds_count on its /metrics
+    docker exec "$1" python3 -c 'import urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:9100/metrics", timeout=5).read().decode()
+print(sum(float(line.split()[-1]) for line in text.splitlines()
+          if line.startswith("conveyor_chunk_latency_seconds_count")))'
+}
+
+predicts_french() { # conveyor stream output -> succeeds when "french" is among the last chunk's predictions
+    local last
+    last=$(grep -- '->' <<<"$1" | tail -n 1)
+    grep -qw "french" <<<"${last#*->}"
+}
+
+check_scale_failover() {
+    log "profile scale: replicas on Redis behind nginx; the one holding the story is killed mid-story"
+    "${compose[@]}" -p "$project" "${files[@]}" --profile scale up -d || die "compose --profile scale up failed" \
+        "$("${compose[@]}" -p "$project" "${files[@]}" --profile scale logs --tail=30 2>&1)"
+    wait_healthy server-1
+    wait_healthy server-2
+    local session="story-$RANDOM" output owner="" replica id answered
+    output=$(printf '%s' "i grew up in france ." | "$conveyor" stream --target 127.0.0.1:50052 \
+        --session "$session" --keep --top 1 - 2>"$scratch/scale.err") ||
+        die "the story's first sentence failed through nginx" "$output" "$(cat "$scratch/scale.err")"
+    for replica in server-1 server-2; do
+        id=$(container_of "$project" "$replica")
+        answered=$(chunks_answered "$id")
+        [[ "$answered" != 0.0 ]] && owner="$replica"
+    done
+    [[ -n "$owner" ]] || die "neither replica answered the story's first sentence"
+    docker kill "$(container_of "$project" "$owner")" >/dev/null
+    echo "ok: the story's session $session started on $owner; $owner killed (SIGKILL)"
+    # The rest of the story (6 words in), through nginx: the survivor loads the session from Redis.
+    output=$(printf '%s' "${story#i grew up in france . }" | "$conveyor" stream --target 127.0.0.1:50052 \
+        --session "$session" --offset 6 --top 3 - 2>"$scratch/scale.err") ||
+        die "the rest of the story failed after $owner was killed" "$output" "$(cat "$scratch/scale.err")"
+    printf '%s\n' "$output"
+    predicts_french "$output" || die "'french' is not predicted after the failover"
+    echo "ok: 'french' predicted after 'i speak fluent', with $owner dead"
 }
 
 prometheus_value() { # PromQL -> first sample's value, or nothing
@@ -236,3 +279,4 @@ wait_healthy
 check_trainer_ran_once
 check_stream
 check_prometheus
+check_scale_failover

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -97,6 +98,12 @@ def test_plain_compose_file_validates() -> None:
     merged = _run(*compose, "-f", str(COMPOSE_FILES[0]), "-f", str(COMPOSE_FILES[1]), "config")
     assert merged.returncode == 0, merged.stdout + merged.stderr
     assert "PIP_OFFLINE" in merged.stdout and "conveyor-prometheus:" in merged.stdout
+    scale = _run(*compose, "-f", str(COMPOSE_FILES[0]), "--profile", "scale", "config")
+    assert scale.returncode == 0, scale.stdout + scale.stderr
+    services = yaml.safe_load(scale.stdout)["services"]
+    replicas = [services[name]["environment"] for name in ("server-1", "server-2")]
+    assert {env["CONVEYOR_STORE"] for env in replicas} == {"redis://redis:6379/0"}
+    assert any("deploy/nginx/nginx.conf" in str(volume) for volume in services["nginx"]["volumes"])
 
 
 def test_grafana_dashboard_uses_the_provisioned_datasource() -> None:
