@@ -36,6 +36,7 @@ from serving.domain.runner import StepRunner
 from serving.domain.sessions.lifecycle import SessionLimits, Sessions
 from serving.server.config import ServerConfig
 from serving.server.interceptor import RpcMetricsInterceptor
+from serving.server.malformed import MalformedRequestInterceptor
 from serving.server.metrics import ConveyorMetrics
 from serving.server.onnx_runner import OnnxStepRunner
 from serving.server.service import ConveyorServicer
@@ -216,7 +217,8 @@ async def _start(
     servicer = ConveyorServicer(engine, metrics, max_inflight_per_stream=config.max_inflight_per_stream)
     # so_reuseport off: a second server on a taken port must fail, not silently share it.
     server = grpc.aio.server(
-        interceptors=[RpcMetricsInterceptor(metrics)], options=[("grpc.so_reuseport", 0)]
+        interceptors=[RpcMetricsInterceptor(metrics), MalformedRequestInterceptor()],
+        options=[("grpc.so_reuseport", 0)],
     )
     pb_grpc.add_ConveyorServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -13,7 +13,7 @@ import grpc
 from serving.server.metrics import ConveyorMetrics
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
-_FACTORIES = {
+FACTORIES = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
     "unary_stream": grpc.unary_stream_rpc_method_handler,
     "stream_unary": grpc.stream_unary_rpc_method_handler,
@@ -35,7 +35,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         service, _, method = details.method.lstrip("/").rpartition("/")
-        for kind, factory in _FACTORIES.items():
+        for kind, factory in FACTORIES.items():
             behavior = getattr(handler, kind)
             if behavior is not None:
                 wrapped = self._wrap(behavior, service, method)

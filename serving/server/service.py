@@ -12,9 +12,10 @@ import grpc
 
 from serving.domain.engine import Engine
 from serving.domain.notices import Watcher
+from serving.server.malformed import Malformed
 from serving.server.metrics import ConveyorMetrics
 from serving.server.outbox import Outbox
-from serving.server.translate import BY_NUMBER, chunk_from_pb, result_to_pb, status_for
+from serving.server.translate import BY_NUMBER, chunk_from_pb, malformed_error, result_to_pb, status_for
 from serving.wire import pb, pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,10 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
             loop.call_soon(outbox.finish)  # after the notices the engine scheduled before this call
 
     async def _read(
-        self, requests: AsyncIterator[pb.ChunkRequest], outbox: Outbox, loop: asyncio.AbstractEventLoop
+        self,
+        requests: AsyncIterator[pb.ChunkRequest | Malformed],
+        outbox: Outbox,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         # Tasks are made through `loop`: asyncio.create_task would look the loop up (a system call) each time.
         tasks: set[asyncio.Task[None]] = set()
@@ -106,6 +110,10 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
             async for request in requests:
                 received = time.perf_counter()
                 await outbox.reserve()
+                if isinstance(request, Malformed):  # answered in band: the stream's other chunks go on
+                    self._metrics.chunk_answered(time.perf_counter() - received, "INVALID_ARGUMENT")
+                    outbox.answer(malformed_error(request))
+                    continue
                 task = loop.create_task(self._answer_in_band(request, received, outbox))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)

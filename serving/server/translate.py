@@ -26,6 +26,7 @@ from serving.domain.errors import (
     StoreUnavailableError,
 )
 from serving.domain.sessions.store import EndReason, SessionEnd
+from serving.server.malformed import Malformed
 from serving.wire import pb
 from serving.wire.tensors import TensorDecodeError, decode
 
@@ -103,6 +104,13 @@ def result_to_pb(
     outputs.shape[:] = result.outputs.shape
     outputs.data = result.outputs.astype("<f4", copy=False).tobytes()
     return response
+
+
+def malformed_error(request: Malformed) -> pb.StreamResponse:
+    """The in-band answer to a Stream message that is not a ChunkRequest (no request id to match: none
+    could be read)."""
+    code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    return pb.StreamResponse(error=pb.ChunkError(code=code, message=request.describe()))
 
 
 def end_notice(ended: SessionEnd) -> pb.StreamResponse:

@@ -27,7 +27,9 @@ def decode(tensor: pb.Tensor) -> np.ndarray:
     """View a Tensor's bytes as a read-only numpy array of its dtype and shape (no copy)."""
     dtype = _WIRE_DTYPES.get(tensor.dtype)
     if dtype is None:
-        raise TensorDecodeError(f"unsupported tensor dtype {pb.DType.Name(tensor.dtype)}")
+        raise TensorDecodeError(
+            f"unsupported tensor dtype {_dtype_name(tensor.dtype)}: send FLOAT32 or INT64"
+        )
     shape = tuple(tensor.shape)
     if any(dim < 0 for dim in shape):
         raise TensorDecodeError(f"tensor shape {list(shape)} has a negative dimension")
@@ -39,6 +41,11 @@ def decode(tensor: pb.Tensor) -> np.ndarray:
             f"{pb.DType.Name(tensor.dtype)} needs {expected}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _dtype_name(number: pb.DType.ValueType) -> str:
+    # A number the proto does not define (a newer client, or a broken one) has no name to show.
+    return pb.DType.Name(number) if number in pb.DType.values() else str(int(number))
 
 
 def encode(array: np.ndarray) -> pb.Tensor:

@@ -1,0 +1,179 @@
+"""A fuzzer of the request path, against real servers over real channels: no client input yields UNKNOWN or
+INTERNAL (the codes that say the server is broken), every answer says what was wrong, a live session is left
+as it was, and the server stays SERVING.
+
+Hypothesis draws ChunkRequests at every value the wire allows (undefined enum numbers, negative and huge
+shapes, sizes that disagree, any text, any offset, snapshots of junk), requests near the valid ones, and bytes
+that are no protobuf message at all; they go to Step, EndSession, Snapshot and GetModelInfo, and on a Stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from serving_harness import RawStream, assert_continues, health_status, running, sequence, start_session
+
+from serving.server.app import RunningServer
+from serving.wire import pb, pb_grpc
+from serving.wire.tensors import encode
+
+pytestmark = pytest.mark.timeout(300)
+
+BROKEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+INT64 = st.integers(-(2**63), 2**63 - 1)
+FUZZ = settings(
+    max_examples=600,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    database=None,
+)
+RAW_METHODS = ("Step", "EndSession", "Snapshot", "GetModelInfo")
+
+session_ids = st.one_of(
+    st.text(max_size=150),
+    st.from_regex(r"[A-Za-z0-9._:-]{1,128}", fullmatch=True),
+    st.sampled_from(["", "anchor", "x" * 129]),
+)
+dtypes = st.one_of(st.sampled_from([pb.DTYPE_FLOAT32, pb.DTYPE_INT64]), st.integers(-3, 9))
+shapes = st.lists(st.one_of(st.integers(-3, 40), st.integers(-(2**62), 2**62)), max_size=4)
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> pb.Tensor:
+    """Near-valid (data the size the shape says, values anything) or arbitrary tensors."""
+    dtype, shape = draw(dtypes), draw(shapes)
+    size = int(np.prod([d for d in shape if 0 <= d <= 40])) * 8 if all(0 <= d <= 40 for d in shape) else 0
+    data = draw(st.one_of(st.binary(min_size=size, max_size=size), st.binary(max_size=200)))
+    return pb.Tensor(dtype=pb.DType.ValueType(dtype), shape=shape, data=data)
+
+
+@st.composite
+def valid_shaped(draw: st.DrawFn, feature_width: int) -> pb.Tensor:
+    """Tensors of a shape and dtype the model takes, holding any values (NaN, huge ids, negative ids)."""
+    steps = draw(st.integers(1, 8))
+    if feature_width:
+        values = draw(
+            st.lists(st.floats(width=32), min_size=steps * feature_width, max_size=steps * feature_width)
+        )
+        return encode(np.array(values, np.float32).reshape(steps, feature_width))
+    values = draw(st.lists(INT64, min_size=steps, max_size=steps))
+    return encode(np.array(values, np.int64))
+
+
+def chunk_requests(feature_width: int) -> st.SearchStrategy[pb.ChunkRequest]:
+    return st.builds(
+        pb.ChunkRequest,
+        session_id=session_ids,
+        inputs=st.one_of(tensors(), valid_shaped(feature_width)),
+        offset=INT64,
+        start=st.booleans(),
+        end=st.booleans(),
+        reset=st.booleans(),
+        snapshot=st.one_of(st.just(b""), st.binary(max_size=120)),
+        outputs=st.integers(-2, 5),
+        request_id=st.text(max_size=20),
+    )
+
+
+@pytest.fixture(scope="module", params=["token_artifact", "feature_artifact"])
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[RunningServer, Path, int]]:
+    artifact: Path = request.getfixturevalue(request.param)
+    width = 0 if request.param == "token_artifact" else int(sequence(artifact).shape[1])
+    with running(artifact) as running_server:
+        yield running_server, artifact, width
+
+
+@pytest.fixture(scope="module")
+def channel(server: tuple[RunningServer, Path, int]) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{server[0].port}") as opened:
+        yield opened
+
+
+def _assert_answer_is_sane(call: Any, request: Any) -> None:
+    try:
+        call(request, timeout=10)
+    except grpc.RpcError as error:
+        assert error.code() not in BROKEN, (error.code(), error.details(), request)
+        details = str(error.details())
+        assert details and "Traceback" not in details and "<class" not in details, details
+
+
+def test_fuzzed_chunk_requests_never_break_the_server(
+    server: tuple[RunningServer, Path, int], channel: grpc.Channel
+) -> None:
+    running_server, artifact, width = server
+    stub = pb_grpc.ConveyorStub(channel)
+    x = sequence(artifact, 6)
+    start_session(stub, "anchor", x[:3])  # a live session that no fuzzed request may disturb
+
+    @FUZZ
+    @given(chunk_requests(width))
+    def step(request: pb.ChunkRequest) -> None:
+        if request.session_id == "anchor":
+            request.session_id = "not-the-anchor"
+        _assert_answer_is_sane(stub.Step, request)
+
+    step()
+    assert_continues(stub, artifact, "anchor", x, 3)
+    assert health_status(running_server) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_bytes_that_are_no_message_are_invalid_argument(channel: grpc.Channel) -> None:
+    @FUZZ
+    @given(st.sampled_from(RAW_METHODS), st.binary(max_size=300))
+    def raw(method: str, data: bytes) -> None:
+        _assert_answer_is_sane(channel.unary_unary(f"/conveyor.v1.Conveyor/{method}"), data)
+
+    raw()
+    with pytest.raises(grpc.RpcError) as refused:
+        channel.unary_unary("/conveyor.v1.Conveyor/Step")(b"\xff\xff\xff", timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid conveyor.v1.ChunkRequest message" in str(refused.value.details())
+
+
+def test_a_stream_answers_every_fuzzed_message_in_band_and_stays_open(
+    server: tuple[RunningServer, Path, int], channel: grpc.Channel
+) -> None:
+    """On one Stream: fuzzed requests and raw junk, each answered (chunk or in-band error, never a broken
+    code), and a valid chunk after them still answered."""
+    _, artifact, width = server
+    send_raw = channel.stream_stream("/conveyor.v1.Conveyor/Stream")
+    stream = RawStream(pb_grpc.ConveyorStub(channel))
+
+    @settings(FUZZ, max_examples=200)
+    @given(chunk_requests(width))
+    def in_band(request: pb.ChunkRequest) -> None:
+        answer = _answer(stream, request)
+        if answer.HasField("error"):
+            assert answer.error.code != grpc.StatusCode.OK.value[0] and answer.error.message, answer.error
+            assert answer.error.code not in {code.value[0] for code in BROKEN}, answer.error
+
+    in_band()
+    x = sequence(artifact, 4)
+    assert stream.call(pb.ChunkRequest(session_id="after-fuzz", inputs=encode(x), start=True)).HasField(
+        "chunk"
+    )
+    stream.close()
+    answers = list(send_raw(iter([b"\xff\xff", b"\x0a\x02\xc3\x28"]), timeout=10))
+    assert len(answers) == 2
+    for raw_answer in answers:
+        answer = pb.StreamResponse.FromString(raw_answer)
+        assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], answer
+
+
+def _answer(stream: RawStream, request: pb.ChunkRequest) -> pb.StreamResponse:
+    """The answer to `request`, past the notices of sessions that ended (a fuzzed chunk may end one)."""
+    request.request_id = "fuzzed"
+    stream.send(request)
+    while (answer := stream.receive()).HasField("session_ended"):
+        pass
+    assert (answer.chunk if answer.HasField("chunk") else answer.error).request_id == "fuzzed"
+    return answer
