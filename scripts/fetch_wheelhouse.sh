@@ -16,7 +16,10 @@ torch_index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
 requirements="$("$python" "$root/scripts/pyproject_requirements.py" "$root/pyproject.toml" \
     --extra train --torch-local-version cpu)"
 build_requirements="$("$python" -c 'import sys, tomllib; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["build-system"]["requires"]))' "$root/pyproject.toml")"
-wanted="$(printf '%s\n%s\n' "$requirements" "$build_requirements")"
+# pip evaluates environment markers against the interpreter running it, not --python-version: a dependency
+# that only older 3.11 releases need (Debian bookworm's python3 is 3.11.2) is named here, or it is missing.
+marker_only="async-timeout>=4.0.3"  # redis-py: python_full_version < "3.11.3"
+wanted="$(printf '%s\n%s\n%s\n' "$requirements" "$build_requirements" "$marker_only")"
 stamp="$wheelhouse/.requirements"
 if [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$wanted" ]]; then
     echo "wheelhouse is current ($(find "$wheelhouse" -name '*.whl' | wc -l) wheels), skipping download"
