@@ -30,6 +30,9 @@ def test_every_field_has_a_conveyor_variable() -> None:
         "CONVEYOR_ORT_INTRA_OP_THREADS": "2",
         "CONVEYOR_GRACE_S": "3",
         "CONVEYOR_STORE": "redis://sessions:6379/2",
+        "CONVEYOR_TLS_CERT": "/certs/server.pem",
+        "CONVEYOR_TLS_KEY": "/certs/server.key",
+        "CONVEYOR_TLS_CLIENT_CA": "/certs/clients.pem",
         "UNRELATED": "ignored",
     }
     config = ServerConfig.from_env(env)
@@ -45,6 +48,11 @@ def test_every_field_has_a_conveyor_variable() -> None:
     assert config.evict_lru_at_capacity is True and config.ort_intra_op_threads == 2
     assert config.inline_batch_max_ms == 0
     assert config.store == "redis://sessions:6379/2"
+    assert (config.tls_cert, config.tls_key, config.tls_client_ca) == (
+        "/certs/server.pem",
+        "/certs/server.key",
+        "/certs/clients.pem",
+    )
 
 
 def test_defaults_and_overrides() -> None:

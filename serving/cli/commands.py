@@ -79,6 +79,9 @@ def serve(args: argparse.Namespace) -> None:
         "max_delay_ms": args.max_delay_ms,
         "max_sessions": args.max_sessions,
         "idle_ttl_s": args.idle_ttl_s,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
     }
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with _user_errors(ConfigError, ModelLoadError, StoreUnavailableError, OSError):
@@ -89,6 +92,7 @@ def serve(args: argparse.Namespace) -> None:
 def stream(args: argparse.Namespace) -> None:
     from serving.cli.stream import StreamError, StreamOptions
     from serving.cli.stream import stream as run_stream
+    from serving.client import Tls
 
     options = StreamOptions(
         target=args.target,
@@ -99,6 +103,7 @@ def stream(args: argparse.Namespace) -> None:
         top_k=args.top,
         output=args.output,
         keep=args.keep,
+        tls=Tls(args.ca, args.cert, args.key) if args.tls or args.ca or args.cert or args.key else None,
     )
     with _user_errors(StreamError):
         run_stream(options)

@@ -104,6 +104,9 @@ def _add_serve(sub: Subparsers) -> None:
     )
     p.add_argument("--max-sessions", type=int, help="session capacity")
     p.add_argument("--idle-ttl-s", type=float, help="idle time after which a session expires")
+    p.add_argument("--tls-cert", help="PEM certificate for TLS on the gRPC port (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA: mutual TLS, only clients with a certificate it signed")
 
 
 def _add_stream(sub: Subparsers) -> None:
@@ -123,6 +126,10 @@ def _add_stream(sub: Subparsers) -> None:
     p.add_argument("--top", type=int, default=3, help="predictions shown per chunk (token models)")
     p.add_argument("--output", type=Path, help="write every timestep's outputs to this .npy file")
     p.add_argument("--keep", action="store_true", help="leave the session open at the end")
+    p.add_argument("--ca", type=Path, help="TLS: trust this PEM CA (else, with --tls, the system's roots)")
+    p.add_argument("--tls", action="store_true", help="TLS with the system's roots (implied by --ca, --cert)")
+    p.add_argument("--cert", type=Path, help="mutual TLS: this client's PEM certificate (with --key)")
+    p.add_argument("--key", type=Path, help="mutual TLS: the private key of --cert")
 
 
 def _add_demo(sub: Subparsers) -> None:

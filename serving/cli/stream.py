@@ -18,7 +18,7 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
-from serving.client import ConveyorClient, ConveyorError, ModelInfo, Outputs, Session
+from serving.client import ClientOptions, ConveyorClient, ConveyorError, ModelInfo, Outputs, Session, Tls
 
 STDIN = "-"
 _WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*|\S")  # words, and each punctuation mark on its own (". " too)
@@ -42,6 +42,7 @@ class StreamOptions:
     output: Path | None = None  # save every timestep's outputs here (.npy) instead of printing per chunk
     keep: bool = False  # leave the session open at the end, to go on later with session_id and offset
     connect_timeout_s: float = 5.0
+    tls: Tls | None = None  # TLS to the server (a CA to trust, a client certificate for mutual TLS)
     progress: bool = True  # tqdm bar on stderr
 
 
@@ -59,7 +60,11 @@ def stream(options: StreamOptions, out: TextIO | None = None) -> StreamResult:
     if options.chunk_steps < 1:
         raise StreamError(f"chunk steps must be >= 1, got {options.chunk_steps}")
     data = _read_bytes(options.input)  # before connecting: a wrong path fails at once
-    with ConveyorClient(options.target) as client:
+    try:
+        client = ConveyorClient(options.target, ClientOptions(tls=options.tls))
+    except ConveyorError as exc:  # e.g. a certificate file that cannot be read
+        raise StreamError(f"cannot connect to {options.target}: {exc.message}") from None
+    with client:
         info = _connect(client, options)
         if options.chunk_steps > info.max_chunk_steps:
             raise StreamError(f"chunk steps {options.chunk_steps} exceed the server's {info.max_chunk_steps}")

@@ -7,7 +7,7 @@ The client side of the wire: it imports nothing of the server, so it installs an
 """
 
 from serving.client.aio import AsyncConveyorClient, AsyncSession
-from serving.client.core import ClientOptions, ConveyorError, ModelInfo, Outputs, RetryPolicy, Snapshot
+from serving.client.core import ClientOptions, ConveyorError, ModelInfo, Outputs, RetryPolicy, Snapshot, Tls
 from serving.client.sync import ConveyorClient, Session
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "RetryPolicy",
     "Session",
     "Snapshot",
+    "Tls",
 ]

@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -69,6 +70,34 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class Tls:
+    """TLS to the server: trust `ca` (a PEM file; None: the system's roots), and present `cert` with `key`
+    where the server asks for client certificates (mutual TLS)."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The channel credentials; `ConveyorError` (INVALID_ARGUMENT) naming a file that cannot be read."""
+        if (self.cert is None) != (self.key is None):
+            message = "a client certificate and its key go together: give both or neither"
+            raise ConveyorError(grpc.StatusCode.INVALID_ARGUMENT, message)
+        return grpc.ssl_channel_credentials(
+            root_certificates=_pem(self.ca), private_key=_pem(self.key), certificate_chain=_pem(self.cert)
+        )
+
+
+def _pem(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConveyorError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read {path}: {exc.strerror}") from None
+
+
+@dataclass(frozen=True)
 class ClientOptions:
     """Channel and call settings shared by the sync and asyncio clients."""
 
@@ -77,6 +106,7 @@ class ClientOptions:
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC's 4 MiB default is too small for long feature chunks
     health_service: str = ""  # "" asks about the whole server
     route_key: str | None = None  # the Stream's routing key (ROUTE_HEADER); None: one of the client's own
+    tls: Tls | None = None  # None: plaintext
 
     def channel_options(self) -> list[tuple[str, Any]]:
         """The grpc channel arguments these options imply."""

@@ -41,6 +41,7 @@ from serving.server.metrics import ConveyorMetrics
 from serving.server.onnx_runner import OnnxStepRunner
 from serving.server.service import ConveyorServicer
 from serving.server.stores import open_store
+from serving.server.tls import server_credentials
 from serving.wire import pb, pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -269,8 +270,12 @@ def _bind(
 ) -> tuple[int, WSGIServer]:
     # Both become OSError with the address in the message: the CLI prints it as one readable line.
     address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise OSError(f"cannot serve gRPC on {address}: the port is taken or the host is not local") from exc
     try:

@@ -46,6 +46,11 @@ class ServerConfig:
     # Where sessions live: "memory" (this process only) or a Redis URL (redis://host:6379/0, rediss://, unix://),
     # which every replica serving the same model shares and which keeps sessions across restarts.
     store: str = "memory"
+    # TLS on the gRPC port: the server's certificate and key (PEM files); with a client CA, mutual TLS (only
+    # clients holding a certificate that CA signed get in). Empty: plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
@@ -58,6 +63,8 @@ class ServerConfig:
         for name in ("max_delay_ms", "inline_batch_max_ms", "grace_s"):
             _check(name, getattr(self, name) >= 0, "a number >= 0")
         _check("store", self.store == "memory" or self.store.startswith(_REDIS_SCHEMES), _STORE_FORMS)
+        _check("tls_key", bool(self.tls_cert) == bool(self.tls_key), "set together with tls_cert")
+        _check("tls_client_ca", not self.tls_client_ca or bool(self.tls_cert), "set only with tls_cert")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> ServerConfig:
