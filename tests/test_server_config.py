@@ -33,6 +33,7 @@ def test_every_field_has_a_conveyor_variable() -> None:
         "CONVEYOR_TLS_CERT": "/certs/server.pem",
         "CONVEYOR_TLS_KEY": "/certs/server.key",
         "CONVEYOR_TLS_CLIENT_CA": "/certs/clients.pem",
+        "CONVEYOR_TOKENS_FILE": "/secrets/tokens",
         "UNRELATED": "ignored",
     }
     config = ServerConfig.from_env(env)
@@ -53,6 +54,7 @@ def test_every_field_has_a_conveyor_variable() -> None:
         "/certs/server.key",
         "/certs/clients.pem",
     )
+    assert config.tokens_file == "/secrets/tokens"
 
 
 def test_defaults_and_overrides() -> None:

@@ -82,6 +82,7 @@ def serve(args: argparse.Namespace) -> None:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_client_ca": args.tls_client_ca,
+        "tokens_file": args.tokens_file,
     }
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with _user_errors(ConfigError, ModelLoadError, StoreUnavailableError, OSError):
@@ -104,9 +105,20 @@ def stream(args: argparse.Namespace) -> None:
         output=args.output,
         keep=args.keep,
         tls=Tls(args.ca, args.cert, args.key) if args.tls or args.ca or args.cert or args.key else None,
+        token=args.token or os.environ.get("CONVEYOR_TOKEN"),
     )
     with _user_errors(StreamError):
         run_stream(options)
+
+
+def token(args: argparse.Namespace) -> None:
+    from serving.server.auth import new_token
+    from serving.server.config import ConfigError
+
+    with _user_errors(ConfigError):
+        secret, line = new_token(args.tenant, args.max_sessions)
+    print(f"token (give it to {args.tenant}; it is not stored anywhere): {secret}")
+    print(f"line for the tokens file (CONVEYOR_TOKENS_FILE): {line}")
 
 
 def demo(args: argparse.Namespace) -> None:

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stream(sub)
     _add_demo(sub)
     _add_bench(sub)
+    _add_token(sub)
     return parser
 
 
@@ -107,6 +108,7 @@ def _add_serve(sub: Subparsers) -> None:
     p.add_argument("--tls-cert", help="PEM certificate for TLS on the gRPC port (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="PEM CA: mutual TLS, only clients with a certificate it signed")
+    p.add_argument("--tokens-file", help="tenants: a file of token digests (conveyor token makes lines)")
 
 
 def _add_stream(sub: Subparsers) -> None:
@@ -130,11 +132,19 @@ def _add_stream(sub: Subparsers) -> None:
     p.add_argument("--tls", action="store_true", help="TLS with the system's roots (implied by --ca, --cert)")
     p.add_argument("--cert", type=Path, help="mutual TLS: this client's PEM certificate (with --key)")
     p.add_argument("--key", type=Path, help="mutual TLS: the private key of --cert")
+    p.add_argument("--token", help="bearer token, for a server with tenants (or CONVEYOR_TOKEN)")
 
 
 def _add_demo(sub: Subparsers) -> None:
     p = _command(sub, "demo", "The France -> French story through a real server.", commands.demo)
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where models live")
+
+
+def _add_token(sub: Subparsers) -> None:
+    help_text = "Make a bearer token for a tenant; print it, and the line for the server's tokens file."
+    p = _command(sub, "token", help_text, commands.token)
+    p.add_argument("--tenant", required=True, help="tenant name: 1-64 characters of A-Z a-z 0-9 . _ -")
+    p.add_argument("--max-sessions", type=_positive, help="the tenant's session quota (default: none)")
 
 
 def _add_bench(sub: Subparsers) -> None:

@@ -43,6 +43,7 @@ class StreamOptions:
     keep: bool = False  # leave the session open at the end, to go on later with session_id and offset
     connect_timeout_s: float = 5.0
     tls: Tls | None = None  # TLS to the server (a CA to trust, a client certificate for mutual TLS)
+    token: str | None = None  # bearer token, for a server with tenants
     progress: bool = True  # tqdm bar on stderr
 
 
@@ -61,7 +62,7 @@ def stream(options: StreamOptions, out: TextIO | None = None) -> StreamResult:
         raise StreamError(f"chunk steps must be >= 1, got {options.chunk_steps}")
     data = _read_bytes(options.input)  # before connecting: a wrong path fails at once
     try:
-        client = ConveyorClient(options.target, ClientOptions(tls=options.tls))
+        client = ConveyorClient(options.target, ClientOptions(tls=options.tls, token=options.token))
     except ConveyorError as exc:  # e.g. a certificate file that cannot be read
         raise StreamError(f"cannot connect to {options.target}: {exc.message}") from None
     with client:

@@ -32,8 +32,8 @@ from serving.client.core import (
     Outputs,
     ReadinessCheck,
     Snapshot,
+    call_metadata,
     retry_delay,
-    route_metadata,
 )
 from serving.client.cursor import SessionCursor, SessionHandle, not_found_is_ended
 from serving.wire import pb, pb_grpc
@@ -47,11 +47,13 @@ _CLOSE_GRACE_S = 1.0
 class _Stream:
     """One open Stream call and the requests awaiting their answers on it; once broken, never reused."""
 
-    def __init__(self, stub: Any, route_key: str, on_ended: Callable[[pb.SessionEnded], None]) -> None:
+    def __init__(
+        self, stub: Any, metadata: tuple[tuple[str, str], ...], on_ended: Callable[[pb.SessionEnded], None]
+    ) -> None:
         self._outbox: asyncio.Queue[pb.ChunkRequest | None] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future[pb.ChunkResponse]] = {}
         self._on_ended = on_ended
-        self._call = stub.Stream(self._requests(), metadata=route_metadata(route_key))
+        self._call = stub.Stream(self._requests(), metadata=metadata)
         self._reader = asyncio.create_task(self._read())
         self.broken: ConveyorError | None = None
 
@@ -224,7 +226,8 @@ class AsyncConveyorClient:
 
     def _open_stream(self) -> _Stream:
         if self._stream is None or self._stream.broken is not None:
-            self._stream = _Stream(self._stub, self._route_key, self._session_ended)
+            metadata = call_metadata(self.options, self._route_key)
+            self._stream = _Stream(self._stub, metadata, self._session_ended)
         return self._stream
 
     def _session_ended(self, notice: pb.SessionEnded) -> None:
@@ -234,9 +237,9 @@ class AsyncConveyorClient:
             cursor.end_reason = pb.EndReason.Name(notice.reason).removeprefix("END_REASON_").lower()
 
     async def _unary(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        route = route_metadata(getattr(request, "session_id", ""))
+        metadata = call_metadata(self.options, getattr(request, "session_id", ""))
         return await self._retrying(
-            lambda: method(request, timeout=self.options.timeout_s, metadata=route), request
+            lambda: method(request, timeout=self.options.timeout_s, metadata=metadata), request
         )
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]], request: Any) -> T:

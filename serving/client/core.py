@@ -107,6 +107,7 @@ class ClientOptions:
     health_service: str = ""  # "" asks about the whole server
     route_key: str | None = None  # the Stream's routing key (ROUTE_HEADER); None: one of the client's own
     tls: Tls | None = None  # None: plaintext
+    token: str | None = None  # a bearer token, for a server with tenants (conveyor token makes one)
 
     def channel_options(self) -> list[tuple[str, Any]]:
         """The grpc channel arguments these options imply."""
@@ -202,9 +203,11 @@ class Snapshot:
     steps: int
 
 
-def route_metadata(key: str) -> tuple[tuple[str, str], ...]:
-    """The call metadata that routes by `key` (none for an empty key: the proxy picks)."""
-    return ((ROUTE_HEADER, key),) if key else ()
+def call_metadata(options: ClientOptions, route_key: str) -> tuple[tuple[str, str], ...]:
+    """A call's metadata: the bearer token (when the options hold one) and the routing key (none for an
+    empty key: the proxy picks)."""
+    token = (("authorization", f"Bearer {options.token}"),) if options.token else ()
+    return token + (((ROUTE_HEADER, route_key),) if route_key else ())
 
 
 def retry_delay(error: grpc.RpcError | ConveyorError, backoffs: Iterator[float]) -> float:

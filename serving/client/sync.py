@@ -32,8 +32,8 @@ from serving.client.core import (
     Outputs,
     ReadinessCheck,
     Snapshot,
+    call_metadata,
     retry_delay,
-    route_metadata,
 )
 from serving.client.cursor import SessionCursor, SessionHandle, not_found_is_ended
 from serving.wire import pb, pb_grpc
@@ -122,8 +122,8 @@ class ConveyorClient:
         backoffs = self.options.retry.backoffs()
         while True:
             try:
-                route = route_metadata(getattr(request, "session_id", ""))
-                return method(request, timeout=self.options.timeout_s, metadata=route)
+                metadata = call_metadata(self.options, getattr(request, "session_id", ""))
+                return method(request, timeout=self.options.timeout_s, metadata=metadata)
             except grpc.RpcError as exc:
                 delay = retry_delay(exc, backoffs)
             time.sleep(delay)

@@ -38,6 +38,7 @@ class Chunk(NamedTuple):
     reset: bool = False
     snapshot: bytes = b""
     outputs: OutputMode = OutputMode.ALL
+    namespace: str = ""  # the tenant whose session this is ("" without tenants)
 
 
 class ChunkResult(NamedTuple):
@@ -63,6 +64,18 @@ class ServedModel:
     def state_shape(self) -> tuple[int, int, int]:
         """A session's state: (2, layers, hidden) float32, [0] h and [1] c."""
         return (2, self.spec.layers, self.spec.hidden)
+
+
+def session_key(namespace: str, session_id: str) -> str:
+    """Where a session is kept: its id within its tenant's namespace. A session id never holds "/", so two
+    tenants' keys never meet, whatever ids they choose."""
+    return f"{namespace}/{session_id}" if namespace else session_id
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(namespace, session id) of a session key."""
+    namespace, slash, session_id = key.partition("/")
+    return (namespace, session_id) if slash else ("", key)
 
 
 def validate(chunk: Chunk, model: ServedModel) -> None:

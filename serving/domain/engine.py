@@ -4,17 +4,28 @@ per-session ordering and shutdown. The servicer translates; this decides.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
 from serving.domain.batcher import Batcher
-from serving.domain.chunks import Chunk, ChunkResult, OutputMode, ServedModel, check_session_id, validate
+from serving.domain.chunks import (
+    Chunk,
+    ChunkResult,
+    OutputMode,
+    ServedModel,
+    check_session_id,
+    session_key,
+    split_key,
+    validate,
+)
 from serving.domain.errors import (
     OffsetMismatchError,
+    QuotaExceededError,
     SessionAlreadyExistsError,
     SessionMovedError,
     SessionNotFoundError,
@@ -43,9 +54,10 @@ class SessionMetrics(Protocol):
 
 
 class _Job(NamedTuple):  # a tuple: built for every chunk, and cheaper to build than a frozen dataclass
-    session_id: str
+    session_id: str  # as the client knows it: in answers and error messages
+    key: str  # where the session is kept: the id within the tenant's namespace
     chunk: Chunk
-    key: bytes  # replay key: identifies a repeat of the same chunk
+    digest: bytes  # identifies a repeat of the same chunk
     watcher: Watcher | None
 
 
@@ -53,7 +65,12 @@ class Engine:
     """Applies chunks to sessions under the session contract, one chunk per session at a time."""
 
     def __init__(
-        self, model: ServedModel, sessions: Sessions, batcher: Batcher, metrics: SessionMetrics
+        self,
+        model: ServedModel,
+        sessions: Sessions,
+        batcher: Batcher,
+        metrics: SessionMetrics,
+        quotas: Mapping[str, int] | None = None,
     ) -> None:
         self.model = model
         self._sessions = sessions
@@ -63,6 +80,8 @@ class Engine:
         self._admission = Admission()
         self._notices = EndNotices()
         self._closed = False
+        self._quotas = quotas or {}  # tenant -> most sessions it may hold on this server
+        self._held: collections.Counter[str] = collections.Counter()  # tenant -> sessions it holds here
         sessions.add_listener(self._notices)
         sessions.add_listener(self._count_end)
 
@@ -74,29 +93,36 @@ class Engine:
         self._admission.check_open()
         validate(chunk, self.model)
         session_id = chunk.session_id or uuid.uuid4().hex
-        job = _Job(session_id, chunk, _replay_key(chunk), watcher)
-        async with self._admission.hold(session_id):
+        job = _Job(session_id, session_key(chunk.namespace, session_id), chunk, _digest(chunk), watcher)
+        async with self._admission.hold(job.key):
             try:
-                return await self._apply_or_replay(job)
-            except SessionMovedError:
-                # Another server (sharing the store) applied a chunk meanwhile; this run was discarded.
-                # Judged again against the session as it now stands: the same chunk is then a replay, any
-                # other an offset mismatch.
-                return await self._apply_or_replay(job)
+                try:
+                    return await self._apply_or_replay(job)
+                except SessionMovedError:
+                    # Another server (sharing the store) applied a chunk meanwhile; this run was discarded.
+                    # Judged again against the session as it now stands: the same chunk is then a replay,
+                    # any other an offset mismatch.
+                    return await self._apply_or_replay(job)
+            except SessionNotFoundError:  # the store knows the key; the client, its session id
+                raise SessionNotFoundError(session_id) from None
+            except SessionMovedError as moved:
+                raise SessionMovedError(session_id, moved.steps) from None
 
-    async def end_session(self, session_id: str) -> int:
-        """End a live session; returns its step count."""
-        ended = await self._locked(session_id, lambda: self._sessions.end(session_id, EndReason.END))
+    async def end_session(self, session_id: str, namespace: str = "") -> int:
+        """End a live session of tenant `namespace`; returns its step count."""
+        key = session_key(namespace, session_id)
+        ended = await self._locked(session_id, key, lambda: self._sessions.end(key, EndReason.END))
         return ended.steps
 
-    async def snapshot(self, session_id: str) -> tuple[bytes, int]:
+    async def snapshot(self, session_id: str, namespace: str = "") -> tuple[bytes, int]:
         """The session's state as an opaque blob, and its step count."""
-        session = await self._locked(session_id, lambda: self._sessions.get(session_id))
+        key = session_key(namespace, session_id)
+        session = await self._locked(session_id, key, lambda: self._sessions.get(key))
         return self._snapshots.encode(session.state, session.steps), session.steps
 
-    def unwatch(self, session_ids: Iterable[str], watcher: Watcher) -> None:
+    def unwatch(self, session_ids: Iterable[str], watcher: Watcher, namespace: str = "") -> None:
         """Stop telling `watcher` about these sessions (its stream has closed)."""
-        self._notices.unwatch(session_ids, watcher)
+        self._notices.unwatch((session_key(namespace, s) for s in session_ids), watcher)
 
     async def close(self, grace_s: float) -> None:
         """Refuse new work and give in-flight chunks `grace_s` to finish. Then every session ends (shutdown),
@@ -110,7 +136,7 @@ class Engine:
         return await (self._start(job) if job.chunk.start else self._continue(job))
 
     async def _start(self, job: _Job) -> ChunkResult:
-        existing = await self._sessions.find(job.session_id)
+        existing = await self._sessions.find(job.key)
         if existing is not None:
             replayed = _replayed(job, existing.replay, existing.steps, ended=False)
             if replayed is not None:
@@ -120,11 +146,12 @@ class Engine:
                 raise SessionAlreadyExistsError(job.session_id, existing.steps)
         else:
             self._sessions.check_capacity()
+            self._check_quota(job.chunk.namespace)
         state, steps = self._snapshots.initial(job.chunk.snapshot)
         return await self._apply(job, existing, state, steps)
 
     async def _continue(self, job: _Job) -> ChunkResult:
-        session = await self._sessions.find(job.session_id)
+        session = await self._sessions.find(job.key)
         if session is None:
             return self._replay_ended(job)
         replayed = _replayed(job, session.replay, session.steps, ended=False)
@@ -136,7 +163,7 @@ class Engine:
     def _replay_ended(self, job: _Job) -> ChunkResult:
         """Answer again the chunk that ended its session (a retry after its response was lost); anything else
         for a session that is not live is `SessionNotFoundError`."""
-        ended = self._sessions.ended_replay(job.session_id)
+        ended = self._sessions.ended_replay(job.key)
         replayed = None if ended is None else _replayed(job, ended.replay, ended.steps, ended=True)
         if replayed is None:
             raise SessionNotFoundError(job.session_id)
@@ -153,39 +180,49 @@ class Engine:
         # A copy: the batcher's rows are views of the whole batch's outputs.
         outputs = (y[-1:] if chunk.outputs is OutputMode.LAST else y).copy()
         steps += len(chunk.inputs)
-        replay = Replay(job.key, chunk.offset, outputs)
-        if await self._sessions.commit(
-            job.session_id, previous, new_state, steps, replay, restart=chunk.start
-        ):
+        replay = Replay(job.digest, chunk.offset, outputs)
+        if await self._sessions.commit(job.key, previous, new_state, steps, replay, restart=chunk.start):
+            self._held[chunk.namespace] += 1
             self._metrics.session_started()
         self._metrics.chunk_applied(len(chunk.inputs))
         self._watch(job)
         if chunk.end:
-            await self._sessions.end(job.session_id, EndReason.END, keep_replay=True)
+            await self._sessions.end(job.key, EndReason.END, keep_replay=True)
         return ChunkResult(job.session_id, chunk.offset, steps, outputs, chunk.end, replayed=False)
 
-    async def _locked(self, session_id: str, operation: Callable[[], Awaitable[_T]]) -> _T:
+    async def _locked(self, session_id: str, key: str, operation: Callable[[], Awaitable[_T]]) -> _T:
         self._admission.check_open()
         check_session_id(session_id)
-        async with self._admission.hold(session_id):
-            return await operation()
+        async with self._admission.hold(key):
+            try:
+                return await operation()
+            except SessionNotFoundError:  # the store knows the key; the client, its session id
+                raise SessionNotFoundError(session_id) from None
+
+    def _check_quota(self, namespace: str) -> None:
+        quota = self._quotas.get(namespace)
+        if quota is not None and self._held[namespace] >= quota:
+            raise QuotaExceededError(namespace, quota)
 
     def _watch(self, job: _Job) -> None:
         if job.watcher is not None:
-            self._notices.watch(job.session_id, job.watcher)
+            self._notices.watch(job.key, job.watcher)
 
     def _count_end(self, ended: SessionEnd) -> None:
         self._metrics.session_ended(ended.reason.value, ended.duration_s, ended.steps)
+        namespace = split_key(ended.session_id)[0]
+        if self._held[namespace] > 0:
+            self._held[namespace] -= 1
 
 
 def _replayed(job: _Job, replay: Replay | None, steps: int, *, ended: bool) -> ChunkResult | None:
     """The cached result when `job` repeats the chunk `replay` records, else None."""
-    if replay is None or replay.offset != job.chunk.offset or replay.key != job.key:
+    if replay is None or replay.offset != job.chunk.offset or replay.key != job.digest:
         return None
     return ChunkResult(job.session_id, replay.offset, steps, replay.outputs, ended, replayed=True)
 
 
-def _replay_key(chunk: Chunk) -> bytes:
+def _digest(chunk: Chunk) -> bytes:
     # The shape needs no place in the key: a valid chunk's shape follows from its byte length and the model.
     flags = chunk.start | chunk.end << 1 | chunk.reset << 2 | (chunk.outputs is OutputMode.LAST) << 3
     payload = b"".join((bytes((flags,)), chunk.inputs.tobytes(), chunk.snapshot))

@@ -66,6 +66,7 @@ class SessionMovedError(ServingError):
             f"session {session_id!r} was advanced to {steps} steps by another server while this chunk ran: "
             f"resend from offset {steps}"
         )
+        self.steps = steps
 
 
 class CapacityExceededError(ServingError):
@@ -74,6 +75,25 @@ class CapacityExceededError(ServingError):
     def __init__(self, max_sessions: int) -> None:
         super().__init__(
             f"the server is at its capacity of {max_sessions} sessions: end idle sessions or retry later"
+        )
+
+
+class QuotaExceededError(ServingError):
+    """The tenant holds as many sessions as its quota allows."""
+
+    def __init__(self, tenant: str, quota: int) -> None:
+        super().__init__(
+            f"tenant {tenant!r} is at its quota of {quota} sessions: end idle sessions, or ask for a larger "
+            "quota"
+        )
+
+
+class UnauthenticatedError(ServingError):
+    """The call carries no bearer token, or one the server does not know."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"{reason}: send metadata 'authorization: Bearer <token>' with a token of this server"
         )
 
 

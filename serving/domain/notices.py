@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Iterable
 
+from serving.domain.chunks import split_key
 from serving.domain.sessions.store import SessionEnd
 
 Watcher = Callable[[SessionEnd], None]
@@ -40,6 +42,8 @@ class EndNotices:
         """Tell the session's watchers that it ended, and forget them."""
         watchers = self._watchers.pop(ended.session_id, None)
         if watchers is not None:
+            # Watchers know sessions by the ids their clients gave, not by their keys.
+            ended = dataclasses.replace(ended, session_id=split_key(ended.session_id)[1])
             # Told soon, not now: a chunk that ended its session is answered before the notice goes out.
             loop = asyncio.get_running_loop()
             for watcher in watchers if isinstance(watchers, set) else (watchers,):

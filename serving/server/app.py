@@ -18,14 +18,9 @@ from types import TracebackType
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 from prometheus_client import (
     CollectorRegistry,
-    GCCollector,
-    PlatformCollector,
-    ProcessCollector,
-    start_http_server,
 )
 
 from modelcard import ModelSpec
@@ -34,19 +29,16 @@ from serving.domain.chunks import ServedModel
 from serving.domain.engine import Engine
 from serving.domain.runner import StepRunner
 from serving.domain.sessions.lifecycle import SessionLimits, Sessions
+from serving.server.auth import Tenants
 from serving.server.config import ServerConfig
-from serving.server.interceptor import RpcMetricsInterceptor
-from serving.server.malformed import MalformedRequestInterceptor
+from serving.server.endpoints import bind, close_http, grpc_server, process_registry, set_health
 from serving.server.metrics import ConveyorMetrics
 from serving.server.onnx_runner import OnnxStepRunner
 from serving.server.service import ConveyorServicer
 from serving.server.stores import open_store
-from serving.server.tls import server_credentials
-from serving.wire import pb, pb_grpc
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Conveyor"].full_name
 # Once chunks have drained and streams were told, the gRPC server itself only waits this long (e.g. for health
 # watchers, which never end on their own).
 _FINAL_GRACE_S = 1.0
@@ -75,7 +67,7 @@ class _App:
         await self.server.stop(_FINAL_GRACE_S)
         self.batcher.close()
         await self.close_store()
-        await asyncio.to_thread(_close_http, self.http)
+        await asyncio.to_thread(close_http, self.http)
         self.stopped.set()
 
 
@@ -137,7 +129,7 @@ def build_server(
     session store cannot be reached, `OSError` or `RuntimeError` when a port is taken.
     """
     runner = runner or OnnxStepRunner.load(config.model_dir, intra_op_threads=config.ort_intra_op_threads)
-    registry = registry or _process_registry()
+    registry = registry or process_registry()
     started: concurrent.futures.Future[tuple[_App, asyncio.AbstractEventLoop]] = concurrent.futures.Future()
     thread = threading.Thread(
         target=_run_loop, args=(config, registry, runner, clock, started), name="conveyor-server", daemon=True
@@ -194,6 +186,7 @@ async def _start(
     config: ServerConfig, registry: CollectorRegistry, runner: StepRunner, clock: Callable[[], float] | None
 ) -> _App:
     spec = runner.spec
+    tenants = Tenants.load(config.tokens_file) if config.tokens_file else None  # before anything is opened
     metrics = ConveyorMetrics(registry)
     metrics.set_model(spec.name, spec.fingerprint)
     limits = SessionLimits(
@@ -214,37 +207,26 @@ async def _start(
         inline_max_ms=config.inline_batch_max_ms,
         metrics=metrics,
     )
-    engine = Engine(model, sessions, batcher, metrics)
-    servicer = ConveyorServicer(engine, metrics, max_inflight_per_stream=config.max_inflight_per_stream)
-    # so_reuseport off: a second server on a taken port must fail, not silently share it.
-    server = grpc.aio.server(
-        interceptors=[RpcMetricsInterceptor(metrics), MalformedRequestInterceptor()],
-        options=[("grpc.so_reuseport", 0)],
+    engine = Engine(model, sessions, batcher, metrics, tenants.quotas() if tenants else None)
+    servicer = ConveyorServicer(
+        engine, metrics, max_inflight_per_stream=config.max_inflight_per_stream, tenants=tenants
     )
-    pb_grpc.add_ConveyorServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        SERVICE_NAME,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(names, server)
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server, health_servicer = grpc_server(servicer, metrics)
+    await set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
-        port, http = _bind(server, config, registry)
+        port, http = bind(server, config, registry)
     except BaseException:
         await opened.close()
         raise
     try:
         await server.start()
     except BaseException:
-        _close_http(http)
+        close_http(http)
         await opened.close()
         raise
     sessions.start_sweeper(config.sweep_interval_s)
     # The runner was loaded and warmed up before this point: ready to serve.
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    await set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = int(http.server_address[1])
     return _App(
         server,
@@ -258,42 +240,3 @@ async def _start(
         metrics_port,
         asyncio.Event(),
     )
-
-
-async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
-    for name in ("", SERVICE_NAME):
-        await servicer.set(name, status)
-
-
-def _bind(
-    server: grpc.aio.Server, config: ServerConfig, registry: CollectorRegistry
-) -> tuple[int, WSGIServer]:
-    # Both become OSError with the address in the message: the CLI prints it as one readable line.
-    address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
-    credentials = server_credentials(config)
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-    except RuntimeError as exc:
-        raise OSError(f"cannot serve gRPC on {address}: the port is taken or the host is not local") from exc
-    try:
-        http, _ = start_http_server(config.metrics_port, config.host, registry)
-    except OSError as exc:
-        raise OSError(
-            f"cannot serve /metrics on {config.host}:{config.metrics_port}: {exc.strerror}"
-        ) from exc
-    return port, http
-
-
-def _process_registry() -> CollectorRegistry:
-    registry = CollectorRegistry()
-    for collector in (ProcessCollector, PlatformCollector, GCCollector):
-        collector(registry=registry)
-    return registry
-
-
-def _close_http(http: WSGIServer) -> None:
-    http.shutdown()
-    http.server_close()

@@ -51,6 +51,9 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # Tenants: a file of token digests (serving/server/auth.py). Set, every Conveyor call needs a bearer token
+    # and each tenant's sessions are its own; empty, no authentication.
+    tokens_file: str = ""
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):

@@ -11,7 +11,9 @@ from typing import NoReturn, TypeVar
 import grpc
 
 from serving.domain.engine import Engine
+from serving.domain.errors import UnauthenticatedError
 from serving.domain.notices import Watcher
+from serving.server.auth import Tenants
 from serving.server.malformed import Malformed
 from serving.server.metrics import ConveyorMetrics
 from serving.server.outbox import Outbox
@@ -26,9 +28,17 @@ _T = TypeVar("_T")
 class ConveyorServicer(pb_grpc.ConveyorServicer):
     """Implements conveyor.v1.Conveyor on top of an `Engine`."""
 
-    def __init__(self, engine: Engine, metrics: ConveyorMetrics, *, max_inflight_per_stream: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: ConveyorMetrics,
+        *,
+        max_inflight_per_stream: int,
+        tenants: Tenants | None = None,
+    ) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._tenants = tenants  # None: no authentication, one namespace
         self._window = max_inflight_per_stream
         self._outboxes: set[Outbox] = set()
 
@@ -36,22 +46,25 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         self, request_iterator: AsyncIterator[pb.ChunkRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         """Answers each request in band, concurrently across sessions; tells the stream of ended sessions."""
+        namespace = await self._namespace(context)
         loop = asyncio.get_running_loop()
         outbox = Outbox(self._window, loop)
         self._outboxes.add(outbox)
-        reader = loop.create_task(self._read(request_iterator, outbox, loop))
+        reader = loop.create_task(self._read(request_iterator, outbox, loop, namespace))
         try:
             async for response in outbox:
                 yield response
         finally:
             reader.cancel()
             self._outboxes.discard(outbox)
-            self._engine.unwatch(outbox.touched, outbox.watcher)
+            self._engine.unwatch(outbox.touched, outbox.watcher, namespace)
 
     async def Step(self, request: pb.ChunkRequest, context: grpc.aio.ServicerContext) -> pb.ChunkResponse:  # noqa: N802
         """One chunk; errors are the call's status."""
+        received = time.perf_counter()
+        namespace = await self._namespace(context)
         response = pb.ChunkResponse()
-        error = await self._answer(request, time.perf_counter(), response)
+        error = await self._answer(request, received, response, namespace)
         if error is not None:
             await _abort(context, BY_NUMBER[error.code], error.message)
         return response
@@ -60,20 +73,23 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         self, request: pb.EndSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.EndSessionResponse:
         """Ends a session."""
-        steps = await _unary(context, self._engine.end_session(request.session_id))
+        namespace = await self._namespace(context)
+        steps = await _unary(context, self._engine.end_session(request.session_id, namespace))
         return pb.EndSessionResponse(steps=steps)
 
     async def Snapshot(  # noqa: N802
         self, request: pb.SnapshotRequest, context: grpc.aio.ServicerContext
     ) -> pb.SnapshotResponse:
         """Exports a session's state."""
-        blob, steps = await _unary(context, self._engine.snapshot(request.session_id))
+        namespace = await self._namespace(context)
+        blob, steps = await _unary(context, self._engine.snapshot(request.session_id, namespace))
         return pb.SnapshotResponse(snapshot=blob, steps=steps)
 
     async def GetModelInfo(  # noqa: N802
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         """Describes the served model."""
+        await self._namespace(context)
         model = self._engine.model
         spec = model.spec
         return pb.ModelInfo(
@@ -103,6 +119,7 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         requests: AsyncIterator[pb.ChunkRequest | Malformed],
         outbox: Outbox,
         loop: asyncio.AbstractEventLoop,
+        namespace: str,
     ) -> None:
         # Tasks are made through `loop`: asyncio.create_task would look the loop up (a system call) each time.
         tasks: set[asyncio.Task[None]] = set()
@@ -114,7 +131,7 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
                     self._metrics.chunk_answered(time.perf_counter() - received, "INVALID_ARGUMENT")
                     outbox.answer(malformed_error(request))
                     continue
-                task = loop.create_task(self._answer_in_band(request, received, outbox))
+                task = loop.create_task(self._answer_in_band(request, received, outbox, namespace))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:
@@ -126,9 +143,11 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
                 task.cancel()
             outbox.finish()
 
-    async def _answer_in_band(self, request: pb.ChunkRequest, received: float, outbox: Outbox) -> None:
+    async def _answer_in_band(
+        self, request: pb.ChunkRequest, received: float, outbox: Outbox, namespace: str
+    ) -> None:
         response = pb.StreamResponse()
-        error = await self._answer(request, received, response.chunk, outbox.watcher)
+        error = await self._answer(request, received, response.chunk, namespace, outbox.watcher)
         if error is not None:
             outbox.answer(pb.StreamResponse(error=error))
         else:
@@ -140,11 +159,12 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         request: pb.ChunkRequest,
         received: float,
         response: pb.ChunkResponse,
+        namespace: str,
         watcher: Watcher | None = None,
     ) -> pb.ChunkError | None:
         """Write the chunk's result into `response`, or return its error."""
         try:
-            result = await self._engine.step(chunk_from_pb(request), watcher)
+            result = await self._engine.step(chunk_from_pb(request, namespace), watcher)
         except Exception as exc:
             code, message = status_for(exc)
             self._metrics.chunk_answered(time.perf_counter() - received, code.name)
@@ -157,6 +177,17 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         result_to_pb(result, request.request_id, response)
         self._metrics.chunk_answered(time.perf_counter() - received)
         return None
+
+    async def _namespace(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's tenant ("" without authentication); the call fails UNAUTHENTICATED without a known
+        token."""
+        if self._tenants is None:
+            return ""
+        try:
+            return self._tenants.identify(context.invocation_metadata() or ()).name
+        except UnauthenticatedError as exc:
+            self._metrics.chunk_answered(0.0, "UNAUTHENTICATED")
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
 
 
 async def _unary(context: grpc.aio.ServicerContext, call: Awaitable[_T]) -> _T:

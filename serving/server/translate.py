@@ -17,6 +17,7 @@ from serving.domain.errors import (
     InvalidSessionIdError,
     InvalidSnapshotError,
     OffsetMismatchError,
+    QuotaExceededError,
     ServingError,
     SessionAlreadyExistsError,
     SessionMovedError,
@@ -24,6 +25,7 @@ from serving.domain.errors import (
     ShuttingDownError,
     SnapshotModelMismatchError,
     StoreUnavailableError,
+    UnauthenticatedError,
 )
 from serving.domain.sessions.store import EndReason, SessionEnd
 from serving.server.malformed import Malformed
@@ -42,6 +44,8 @@ STATUS_CODES: dict[type[ServingError], grpc.StatusCode] = {
     SessionMovedError: grpc.StatusCode.ABORTED,
     SnapshotModelMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     CapacityExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QuotaExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
@@ -65,7 +69,7 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
     return code, str(error)
 
 
-def chunk_from_pb(request: pb.ChunkRequest) -> Chunk:
+def chunk_from_pb(request: pb.ChunkRequest, namespace: str = "") -> Chunk:
     """The domain chunk of a request; `InvalidChunkError` when its tensor or output mode does not parse."""
     try:
         inputs = decode(request.inputs)
@@ -83,6 +87,7 @@ def chunk_from_pb(request: pb.ChunkRequest) -> Chunk:
         reset=request.reset,
         snapshot=request.snapshot,
         outputs=mode,
+        namespace=namespace,
     )
 
 

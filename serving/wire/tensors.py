@@ -40,7 +40,10 @@ def decode(tensor: pb.Tensor) -> np.ndarray:
             f"tensor data has {len(data)} bytes but shape {list(shape)} of "
             f"{pb.DType.Name(tensor.dtype)} needs {expected}"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # e.g. [0, 2**61]: no bytes, yet a dimension no array can have
+        raise TensorDecodeError(f"tensor shape {list(shape)} cannot be held in memory ({exc})") from None
 
 
 def _dtype_name(number: pb.DType.ValueType) -> str:
