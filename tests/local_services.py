@@ -86,9 +86,12 @@ NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 
 
 @contextmanager
-def conveyor_process(artifact: Path, store: str, port: int | None = None) -> Iterator[ServerProcess]:
-    """`conveyor serve` for `artifact` on `store`, in a process of its own, SERVING; killed on exit."""
-    server = ServerProcess(artifact, store, port or free_port())
+def conveyor_process(
+    artifact: Path, store: str, port: int | None = None, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """`conveyor serve` for `artifact` on `store` (more CONVEYOR_* settings in `env`), in a process of its
+    own, SERVING; killed on exit."""
+    server = ServerProcess(artifact, store, port or free_port(), env or {})
     server.start()
     try:
         yield server
@@ -99,8 +102,9 @@ def conveyor_process(artifact: Path, store: str, port: int | None = None) -> Ite
 class ServerProcess:
     """One `conveyor serve` process on a fixed port (so that a restart comes back where the proxy expects)."""
 
-    def __init__(self, artifact: Path, store: str, port: int) -> None:
+    def __init__(self, artifact: Path, store: str, port: int, env: dict[str, str]) -> None:
         self.port = port
+        self._env = env
         self.target = f"127.0.0.1:{port}"
         self.metrics_port = free_port()
         self._artifact, self._store = artifact, store
@@ -110,7 +114,8 @@ class ServerProcess:
         """Start and wait until its health service says SERVING."""
         from serving.client import ConveyorClient
 
-        env = {**os.environ, "CONVEYOR_STORE": self._store, "CONVEYOR_METRICS_PORT": str(self.metrics_port)}
+        env = {**os.environ, **self._env, "CONVEYOR_STORE": self._store}
+        env["CONVEYOR_METRICS_PORT"] = str(self.metrics_port)
         command = [sys.executable, "-m", "serving.cli", "serve", "--model", str(self._artifact),
                    "--port", str(self.port)]  # fmt: skip
         self.process = subprocess.Popen(
@@ -118,6 +123,12 @@ class ServerProcess:
         )
         with ConveyorClient(self.target) as client:
             client.wait_for_ready(timeout_s=60)
+
+    def rss_bytes(self) -> int:
+        """The process's resident memory."""
+        assert self.process is not None
+        pages = int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
 
     def kill(self) -> None:
         """SIGKILL: no drain, nothing flushed."""

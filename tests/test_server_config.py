@@ -34,6 +34,7 @@ def test_every_field_has_a_conveyor_variable() -> None:
         "CONVEYOR_TLS_KEY": "/certs/server.key",
         "CONVEYOR_TLS_CLIENT_CA": "/certs/clients.pem",
         "CONVEYOR_TOKENS_FILE": "/secrets/tokens",
+        "CONVEYOR_REPLAY_MAX_BYTES": "4096",
         "UNRELATED": "ignored",
     }
     config = ServerConfig.from_env(env)
@@ -54,7 +55,7 @@ def test_every_field_has_a_conveyor_variable() -> None:
         "/certs/server.key",
         "/certs/clients.pem",
     )
-    assert config.tokens_file == "/secrets/tokens"
+    assert config.tokens_file == "/secrets/tokens" and config.replay_max_bytes == 4096
 
 
 def test_defaults_and_overrides() -> None:

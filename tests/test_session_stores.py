@@ -90,7 +90,8 @@ def test_create_get_replace_end_round_trip_every_field(run_on_store: Callable[[S
         assert got is not None and got.steps == 3 and got.last_used_s == 100.0  # as before this look-up
         assert np.array_equal(got.state, np.full(SHAPE, 1.5, np.float32))
         assert got.replay is not None and got.replay.offset == 1 and got.replay.key == bytes(range(16))
-        assert np.array_equal(got.replay.outputs, _session(3, 1.5).replay.outputs)  # type: ignore[union-attr]
+        expected = np.arange(6, dtype=np.float32).reshape(2, 3) + 1.5
+        assert got.replay.outputs is not None and np.array_equal(got.replay.outputs, expected)
         assert (await store.get("a", 300.0)).last_used_s == 200.0  # type: ignore[union-attr]
         assert len(store) == 1
         ended = await store.end("a")
@@ -129,6 +130,15 @@ def test_expire_removes_what_is_past_the_cutoffs_and_says_why(
         assert len(store) == 1 and await store.get("fresh", 600.0) is not None
         everything = [row async for rows in store.expire(EVERYTHING) for row in rows]
         assert [session_id for session_id, _, _ in everything] == ["fresh"] and len(store) == 0
+
+    run_on_store(scenario)
+
+
+def test_a_replay_kept_as_a_digest_alone_round_trips(run_on_store: Callable[[Scenario], None]) -> None:
+    async def scenario(store: SessionStore) -> None:
+        await store.create("big", _session(3)._replace(replay=Replay(bytes(16), 1, None)))
+        got = await store.get("big", 101.0)
+        assert got is not None and got.replay == Replay(bytes(16), 1, None)
 
     run_on_store(scenario)
 

@@ -59,6 +59,9 @@ class ServedModel:
     spec: ModelSpec
     max_chunk_steps: int
     idle_ttl_s: float
+    # Most bytes of outputs a session keeps to answer a retry of its last chunk. A larger response is not
+    # kept (its retry is ABORTED, never applied twice): what one client can make the server hold is bounded.
+    replay_max_bytes: int = 65536
 
     @property
     def state_shape(self) -> tuple[int, int, int]:

@@ -26,6 +26,7 @@ from serving.domain.chunks import (
 from serving.domain.errors import (
     OffsetMismatchError,
     QuotaExceededError,
+    ReplayNotKeptError,
     SessionAlreadyExistsError,
     SessionMovedError,
     SessionNotFoundError,
@@ -138,7 +139,7 @@ class Engine:
     async def _start(self, job: _Job) -> ChunkResult:
         existing = await self._sessions.find(job.key)
         if existing is not None:
-            replayed = _replayed(job, existing.replay, existing.steps, ended=False)
+            replayed = self._replayed(job, existing.replay, existing.steps, ended=False)
             if replayed is not None:
                 self._watch(job)
                 return replayed
@@ -154,7 +155,7 @@ class Engine:
         session = await self._sessions.find(job.key)
         if session is None:
             return self._replay_ended(job)
-        replayed = _replayed(job, session.replay, session.steps, ended=False)
+        replayed = self._replayed(job, session.replay, session.steps, ended=False)
         if replayed is not None:
             self._watch(job)
             return replayed
@@ -164,7 +165,7 @@ class Engine:
         """Answer again the chunk that ended its session (a retry after its response was lost); anything else
         for a session that is not live is `SessionNotFoundError`."""
         ended = self._sessions.ended_replay(job.key)
-        replayed = None if ended is None else _replayed(job, ended.replay, ended.steps, ended=True)
+        replayed = None if ended is None else self._replayed(job, ended.replay, ended.steps, ended=True)
         if replayed is None:
             raise SessionNotFoundError(job.session_id)
         return replayed
@@ -180,7 +181,8 @@ class Engine:
         # A copy: the batcher's rows are views of the whole batch's outputs.
         outputs = (y[-1:] if chunk.outputs is OutputMode.LAST else y).copy()
         steps += len(chunk.inputs)
-        replay = Replay(job.digest, chunk.offset, outputs)
+        kept = outputs if outputs.nbytes <= self.model.replay_max_bytes else None
+        replay = Replay(job.digest, chunk.offset, kept)
         if await self._sessions.commit(job.key, previous, new_state, steps, replay, restart=chunk.start):
             self._held[chunk.namespace] += 1
             self._metrics.session_started()
@@ -214,12 +216,14 @@ class Engine:
         if self._held[namespace] > 0:
             self._held[namespace] -= 1
 
-
-def _replayed(job: _Job, replay: Replay | None, steps: int, *, ended: bool) -> ChunkResult | None:
-    """The cached result when `job` repeats the chunk `replay` records, else None."""
-    if replay is None or replay.offset != job.chunk.offset or replay.key != job.digest:
-        return None
-    return ChunkResult(job.session_id, replay.offset, steps, replay.outputs, ended, replayed=True)
+    def _replayed(self, job: _Job, replay: Replay | None, steps: int, *, ended: bool) -> ChunkResult | None:
+        """The cached result when `job` repeats the chunk `replay` records, else None; `ReplayNotKeptError`
+        when it does but the response was too large to keep."""
+        if replay is None or replay.offset != job.chunk.offset or replay.key != job.digest:
+            return None
+        if replay.outputs is None:
+            raise ReplayNotKeptError(job.session_id, replay.offset, steps, self.model.replay_max_bytes)
+        return ChunkResult(job.session_id, replay.offset, steps, replay.outputs, ended, replayed=True)
 
 
 def _digest(chunk: Chunk) -> bytes:

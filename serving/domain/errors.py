@@ -69,6 +69,17 @@ class SessionMovedError(ServingError):
         self.steps = steps
 
 
+class ReplayNotKeptError(ServingError):
+    """A retry of a chunk that was applied, whose response was too large to keep for retries."""
+
+    def __init__(self, session_id: str, offset: int, steps: int, budget: int) -> None:
+        super().__init__(
+            f"the chunk at offset {offset} of session {session_id!r} was applied, but its response was "
+            f"larger than the {budget} bytes a session keeps for retries: it is not applied twice; go on "
+            f"from offset {steps}"
+        )
+
+
 class CapacityExceededError(ServingError):
     """The server holds its maximum number of sessions and is configured not to evict."""
 

@@ -196,7 +196,7 @@ async def _start(
         evict_lru=config.evict_lru_at_capacity,
         replay_window_s=config.replay_window_s,
     )
-    model = ServedModel(spec, config.max_chunk_steps, config.idle_ttl_s)
+    model = ServedModel(spec, config.max_chunk_steps, config.idle_ttl_s, config.replay_max_bytes)
     opened = await open_store(config, model, metrics)
     sessions = Sessions(opened.store, limits, clock=clock or opened.clock)
     metrics.track_sessions(sessions.__len__, math.prod(model.state_shape) * 4, config.max_sessions)

@@ -40,6 +40,7 @@ class ServerConfig:
     evict_lru_at_capacity: bool = False  # at capacity: evict the least recently used session, else reject
     sweep_interval_s: float = 1.0  # how often expired sessions are looked for
     replay_window_s: float = 60.0  # how long a session keeps its last response to answer a retry
+    replay_max_bytes: int = 65536  # the largest last response a session keeps (larger: digest only)
     max_inflight_per_stream: int = 256  # unanswered chunks one stream may have before it is read no further
     ort_intra_op_threads: int = 1  # ONNX Runtime threads per batch; parallelism comes from batching
     grace_s: float = 10.0  # on stop, how long in-flight chunks get to finish
@@ -58,7 +59,13 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
             _check(name, 0 <= getattr(self, name) <= 65535, "a port in 0..65535 (0 binds a free port)")
-        for name in ("max_batch_size", "max_chunk_steps", "max_sessions", "max_inflight_per_stream"):
+        for name in (
+            "max_batch_size",
+            "max_chunk_steps",
+            "max_sessions",
+            "max_inflight_per_stream",
+            "replay_max_bytes",
+        ):
             _check(name, getattr(self, name) >= 1, "an integer >= 1")
         _check("ort_intra_op_threads", self.ort_intra_op_threads >= 0, "an integer >= 0 (0: ORT decides)")
         for name in ("idle_ttl_s", "session_lifetime_s", "sweep_interval_s", "replay_window_s"):

@@ -79,7 +79,12 @@ OLDEST = "return redis.call('ZRANGE', KEYS[1], 0, 0)"
 SCRIPTS = {"get": GET, "write": WRITE, "end": END, "expire": EXPIRE, "oldest": OLDEST}
 
 
+_NOT_KEPT = 0xFFFFFFFF  # rows of a replay whose outputs were not kept (over the replay budget)
+
+
 def encode_replay(replay: Replay) -> bytes:
+    if replay.outputs is None:
+        return _REPLAY_HEADER.pack(replay.key, replay.offset, _NOT_KEPT, 0)
     rows, columns = replay.outputs.shape
     header = _REPLAY_HEADER.pack(replay.key, replay.offset, rows, columns)
     return header + replay.outputs.astype("<f4", copy=False).tobytes()
@@ -87,5 +92,7 @@ def encode_replay(replay: Replay) -> bytes:
 
 def decode_replay(blob: bytes) -> Replay:
     key, offset, rows, columns = _REPLAY_HEADER.unpack_from(blob)
+    if rows == _NOT_KEPT:
+        return Replay(key, offset, None)
     outputs = np.frombuffer(blob, "<f4", rows * columns, _REPLAY_HEADER.size).reshape(rows, columns)
     return Replay(key, offset, outputs)

@@ -42,7 +42,9 @@ class Replay(NamedTuple):
 
     key: bytes  # digest of the chunk's flags and inputs
     offset: int
-    outputs: np.ndarray  # the response's outputs, [time or 1, outputs]
+    # The response's outputs, [time or 1, outputs]; None when larger than the replay budget: the digest alone
+    # still keeps a retry from being applied twice.
+    outputs: np.ndarray | None
 
 
 class Session(NamedTuple):
