@@ -122,12 +122,7 @@ class AsyncConveyorClient:
     def __init__(self, target: str, options: ClientOptions = DEFAULT_OPTIONS) -> None:
         self.target = target
         self.options = options
-        channel_options = options.channel_options()
-        self._channel = (
-            grpc.aio.insecure_channel(target, options=channel_options)
-            if options.tls is None
-            else grpc.aio.secure_channel(target, options.tls.credentials(), options=channel_options)
-        )
+        self._channel: grpc.aio.Channel = options.open_channel(grpc.aio, target)
         self._stub = pb_grpc.ConveyorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stream: _Stream | None = None

@@ -109,6 +109,13 @@ class ClientOptions:
     tls: Tls | None = None  # None: plaintext
     token: str | None = None  # a bearer token, for a server with tenants (conveyor token makes one)
 
+    def open_channel(self, grpc_module: Any, target: str) -> Any:
+        """A channel to `target` made by `grpc_module` (grpc, or grpc.aio: the same two factories), with TLS
+        when these options ask for it."""
+        if self.tls is None:
+            return grpc_module.insecure_channel(target, options=self.channel_options())
+        return grpc_module.secure_channel(target, self.tls.credentials(), options=self.channel_options())
+
     def channel_options(self) -> list[tuple[str, Any]]:
         """The grpc channel arguments these options imply."""
         return [

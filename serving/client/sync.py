@@ -47,12 +47,7 @@ class ConveyorClient:
     def __init__(self, target: str, options: ClientOptions = DEFAULT_OPTIONS) -> None:
         self.target = target
         self.options = options
-        channel_options = options.channel_options()
-        self._channel = (
-            grpc.insecure_channel(target, options=channel_options)
-            if options.tls is None
-            else grpc.secure_channel(target, options.tls.credentials(), options=channel_options)
-        )
+        self._channel: grpc.Channel = options.open_channel(grpc, target)
         self._stub = pb_grpc.ConveyorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
