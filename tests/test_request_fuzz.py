@@ -188,3 +188,16 @@ def _answer(stream: RawStream, request: pb.ChunkRequest) -> pb.StreamResponse:
         pass
     assert (answer.chunk if answer.HasField("chunk") else answer.error).request_id == "fuzzed"
     return answer
+
+
+def test_oversized_messages_and_metadata_are_refused_naming_the_limit(channel: grpc.Channel) -> None:
+    """Refused by gRPC itself before any handler runs: RESOURCE_EXHAUSTED, with the limit in the message."""
+    step = channel.unary_unary("/conveyor.v1.Conveyor/Step")
+    with pytest.raises(grpc.RpcError) as too_big:
+        step(bytes(6 << 20), timeout=10)
+    assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max (6291456 vs. 4194304)" in str(too_big.value.details())
+    with pytest.raises(grpc.RpcError) as too_much:
+        step(b"", timeout=10, metadata=[("x-padding", "a" * 20000)])
+    assert too_much.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "metadata size exceeds" in str(too_much.value.details())
