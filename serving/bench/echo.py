@@ -13,6 +13,8 @@ import grpc
 import numpy as np
 
 from modelcard import ModelSpec
+from serving.domain.chunks import ServedModel
+from serving.server.translate import model_info_to_pb
 from serving.wire import pb
 from serving.wire.tensors import encode
 
@@ -66,16 +68,7 @@ class EchoServicer:
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         """The sizes a load generator needs to build real-sized requests."""
-        spec = self._spec
-        return pb.ModelInfo(
-            name=spec.name,
-            input_kind=spec.input_kind,
-            input_size=spec.input_size,
-            output_size=spec.output_size,
-            layers=spec.layers,
-            hidden=spec.hidden,
-            max_chunk_steps=self._max_chunk_steps,
-        )
+        return model_info_to_pb(ServedModel(self._spec, self._max_chunk_steps, idle_ttl_s=0.0))
 
     def _zeros(self, rows: int) -> pb.Tensor:
         tensor = self._outputs.get(rows)

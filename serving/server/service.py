@@ -17,7 +17,14 @@ from serving.server.auth import Tenants
 from serving.server.malformed import Malformed
 from serving.server.metrics import ConveyorMetrics
 from serving.server.outbox import Outbox
-from serving.server.translate import BY_NUMBER, chunk_from_pb, malformed_error, result_to_pb, status_for
+from serving.server.translate import (
+    BY_NUMBER,
+    chunk_from_pb,
+    malformed_error,
+    model_info_to_pb,
+    result_to_pb,
+    status_for,
+)
 from serving.wire import pb, pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -90,23 +97,7 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
     ) -> pb.ModelInfo:
         """Describes the served model."""
         await self._namespace(context)
-        model = self._engine.model
-        spec = model.spec
-        return pb.ModelInfo(
-            name=spec.name,
-            task=spec.task,
-            input_kind=spec.input_kind,
-            input_size=spec.input_size,
-            output_size=spec.output_size,
-            output_meaning=spec.output_meaning,
-            output_labels=spec.output_labels,
-            vocabulary=spec.vocabulary,
-            fingerprint=spec.fingerprint,
-            layers=spec.layers,
-            hidden=spec.hidden,
-            max_chunk_steps=model.max_chunk_steps,
-            idle_ttl_s=model.idle_ttl_s,
-        )
+        return model_info_to_pb(self._engine.model)
 
     def close_streams(self) -> None:
         """End every open stream once what is queued for it (e.g. shutdown notices) has been sent."""

@@ -10,7 +10,7 @@ import logging
 
 import grpc
 
-from serving.domain.chunks import Chunk, ChunkResult, OutputMode
+from serving.domain.chunks import Chunk, ChunkResult, OutputMode, ServedModel
 from serving.domain.errors import (
     CapacityExceededError,
     InvalidChunkError,
@@ -111,6 +111,26 @@ def result_to_pb(
     outputs.shape[:] = result.outputs.shape
     outputs.data = result.outputs.astype("<f4", copy=False).tobytes()
     return response
+
+
+def model_info_to_pb(model: ServedModel) -> pb.ModelInfo:
+    """The GetModelInfo answer for `model`."""
+    spec = model.spec
+    return pb.ModelInfo(
+        name=spec.name,
+        task=spec.task,
+        input_kind=spec.input_kind,
+        input_size=spec.input_size,
+        output_size=spec.output_size,
+        output_meaning=spec.output_meaning,
+        output_labels=spec.output_labels,
+        vocabulary=spec.vocabulary,
+        fingerprint=spec.fingerprint,
+        layers=spec.layers,
+        hidden=spec.hidden,
+        max_chunk_steps=model.max_chunk_steps,
+        idle_ttl_s=model.idle_ttl_s,
+    )
 
 
 def malformed_error(request: Malformed) -> pb.StreamResponse:
