@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SRC := modelcard training export serving tests scripts
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test services bench e2e-compose lint typecheck proto proto-check train export experiment experiment-quick serve clean
+.PHONY: help setup demo test services fuzz bench e2e-compose lint typecheck proto proto-check train export experiment experiment-quick serve clean
 
 help: ## List what you can do
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -53,6 +53,10 @@ bench: $(BENCH_MODEL)/model.onnx ## Quick benchmark of the 256-unit bench model:
 
 e2e-compose: $(STAMP) ## Offline compose end to end: images, train, serve, stream the story, scrape (root; ~20 min cold)
 	scripts/e2e_compose.sh
+
+fuzz: $(STAMP) services ## The fuzzer and the contract's property test at 20x make test's cases, fresh each run
+	CONVEYOR_FUZZ_SCALE=20 $(BIN)/pytest -p no:cacheprovider -o timeout=3600 --hypothesis-show-statistics \
+		tests/test_request_fuzz.py tests/test_contract_property.py
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .

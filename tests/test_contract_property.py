@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fakes import FAKE_SPEC, FAKE_VOCABULARY, FakeRunner
-from hypothesis import settings
+from fuzzing import fuzz_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -178,7 +178,5 @@ class SessionContract(RuleBasedStateMachine):
             assert len(self.engine._sessions) == len(self.applied)
 
 
-SessionContract.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None, derandomize=True, database=None
-)
+SessionContract.TestCase.settings = fuzz_settings(150, stateful_step_count=40)
 test_the_session_contract_holds_under_random_interleavings = SessionContract.TestCase

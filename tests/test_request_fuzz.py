@@ -16,8 +16,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from fuzzing import fuzz_settings
 from grpc_health.v1 import health_pb2
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from serving_harness import RawStream, assert_continues, health_status, running, sequence, start_session
 
@@ -29,13 +30,7 @@ pytestmark = pytest.mark.timeout(300)
 
 BROKEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 INT64 = st.integers(-(2**63), 2**63 - 1)
-FUZZ = settings(
-    max_examples=600,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-    database=None,
-    derandomize=True,  # the same cases on every run: make test stays deterministic
-)
+FUZZ = fuzz_settings(600)
 RAW_METHODS = ("Step", "EndSession", "Snapshot", "GetModelInfo")
 
 session_ids = st.one_of(
@@ -159,7 +154,7 @@ def test_a_stream_answers_every_fuzzed_message_in_band_and_stays_open(
     send_raw = channel.stream_stream("/conveyor.v1.Conveyor/Stream")
     stream = RawStream(pb_grpc.ConveyorStub(channel))
 
-    @settings(FUZZ, max_examples=200)
+    @fuzz_settings(200)
     @given(chunk_requests(width))
     def in_band(request: pb.ChunkRequest) -> None:
         answer = _answer(stream, request)
