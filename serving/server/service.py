@@ -177,7 +177,8 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         try:
             return self._tenants.identify(context.invocation_metadata() or ()).name
         except UnauthenticatedError as exc:
-            self._metrics.chunk_answered(0.0, "UNAUTHENTICATED")
+            # Counted per RPC (grpc_server_handled_total), not as a chunk: GetModelInfo or a whole Stream
+            # refused here is no chunk, and would skew the chunk error ratio.
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
 
 
