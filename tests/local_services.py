@@ -124,6 +124,11 @@ class ServerProcess:
         with ConveyorClient(self.target) as client:
             client.wait_for_ready(timeout_s=60)
 
+    @property
+    def metrics_url(self) -> str:
+        """Its /metrics."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     def rss_bytes(self) -> int:
         """The process's resident memory."""
         assert self.process is not None

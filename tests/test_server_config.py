@@ -35,6 +35,8 @@ def test_every_field_has_a_conveyor_variable() -> None:
         "CONVEYOR_TLS_CLIENT_CA": "/certs/clients.pem",
         "CONVEYOR_TOKENS_FILE": "/secrets/tokens",
         "CONVEYOR_REPLAY_MAX_BYTES": "4096",
+        "CONVEYOR_STREAM_MAX_BYTES": "1048576",
+        "CONVEYOR_MAX_STREAMS": "50",
         "UNRELATED": "ignored",
     }
     config = ServerConfig.from_env(env)
@@ -56,6 +58,7 @@ def test_every_field_has_a_conveyor_variable() -> None:
         "/certs/clients.pem",
     )
     assert config.tokens_file == "/secrets/tokens" and config.replay_max_bytes == 4096
+    assert (config.stream_max_bytes, config.max_streams) == (1 << 20, 50)
 
 
 def test_defaults_and_overrides() -> None:

@@ -40,8 +40,10 @@ from serving_harness import (
 
 from serving.domain.errors import ModelLoadError
 from serving.domain.runner import Arrays
+from serving.domain.sessions.slab import PAGE_ROWS
 from serving.server.app import RunningServer, build_server
 from serving.server.config import ServerConfig
+from serving.server.metrics import HELD_KINDS
 from serving.server.onnx_runner import OnnxStepRunner
 from serving.wire import pb, pb_grpc
 
@@ -192,6 +194,14 @@ def test_metrics_scrape_counts_chunks_and_sessions_without_session_ids(token_art
     assert samples['conveyor_chunk_errors_total{code="NOT_FOUND"}'] == 1
     assert samples["conveyor_timesteps_total"] == 5 + 7 + 12 + 2
     assert samples["conveyor_state_bytes"] == 2 * 1 * 32 * 4
+    row_bytes = 4 * offline(token_artifact, x[:1]).shape[1]  # one timestep's outputs
+    held = {kind: samples[f'conveyor_held_bytes{{kind="{kind}"}}'] for kind in HELD_KINDS}
+    assert held == {
+        "state": PAGE_ROWS * 2 * 1 * 32 * 4,  # one page of the state slab
+        "replay": 2 * row_bytes,  # tenant-a's last chunk, 2 steps
+        "ended_replay": 12 * row_bytes,  # tenant-b ended with its 12-step chunk
+        "stream": 0,  # the stream has ended
+    }
     assert samples["conveyor_batch_size_count"] == samples["conveyor_inference_seconds_count"] >= 1
     fingerprint = card(token_artifact)["onnx_sha256"]
     assert samples[f'conveyor_model_info{{fingerprint="{fingerprint}",name="language"}}'] == 1

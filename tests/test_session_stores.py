@@ -17,7 +17,17 @@ from local_services import RedisServer, free_port, redis_server
 
 from serving.domain.errors import StoreUnavailableError
 from serving.domain.sessions.memory import InMemorySessionStore
-from serving.domain.sessions.store import EVERYTHING, Cutoffs, EndReason, Replay, Session, SessionStore
+from serving.domain.sessions.replays import EndedReplays
+from serving.domain.sessions.slab import PAGE_ROWS
+from serving.domain.sessions.store import (
+    EVERYTHING,
+    Cutoffs,
+    EndReason,
+    HeldBytes,
+    Replay,
+    Session,
+    SessionStore,
+)
 from serving.server.redis_store import SWEEP_SLICE, RedisSessionStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -210,3 +220,39 @@ def test_calls_fail_as_unavailable_while_redis_is_down_and_work_once_it_is_back(
 
         asyncio.run(main())
     assert "unreachable" in metrics.errors
+
+
+def test_the_memory_store_counts_the_bytes_it_holds_as_sessions_come_change_and_go() -> None:
+    async def scenario() -> None:
+        store = InMemorySessionStore(SHAPE)
+        assert store.held_bytes() == HeldBytes(0, 0)
+        each = _session(3).replay.nbytes  # type: ignore[union-attr]
+        page = PAGE_ROWS * int(np.prod(SHAPE)) * 4
+        for session_id in ("a", "b", "c"):
+            await store.create(session_id, _session(3, used_s=100.0))
+        assert store.held_bytes() == HeldBytes(page, 3 * each)
+        await store.replace("a", _session(5)._replace(replay=Replay(bytes(16), 3, None)), steps=3)
+        assert store.held_bytes().replay == 2 * each  # a's response over the budget: a digest alone
+        await store.get("c", 300.0)  # c used after the replay cutoff below: keeps its replay
+        assert [rows async for rows in store.expire(Cutoffs(0.0, 0.0, 200.0))] == [[]]
+        assert store.held_bytes().replay == each  # b's replay dropped: the session lives on
+        await store.end("c")
+        assert store.held_bytes() == HeldBytes(page, 0)  # the page stays allocated for the next sessions
+
+    asyncio.run(scenario())
+
+
+def test_ended_replays_count_their_bytes_until_dropped_by_count_time_or_a_restart() -> None:
+    replays = EndedReplays(window_s=10.0, max_kept=2)
+    kept = _session(3).replay
+    assert kept is not None
+    for i, session_id in enumerate(("a", "b", "c")):
+        replays.keep(session_id, kept, 3, now=float(i))
+    assert replays.held_bytes == 2 * kept.nbytes and replays.get("a", 2.0) is None  # a: past the count
+    replays.keep("b", Replay(bytes(16), 1, None), 3, now=3.0)  # b again, a digest alone
+    assert replays.held_bytes == kept.nbytes
+    replays.discard("c")  # c starts over
+    assert replays.held_bytes == 0
+    replays.keep("d", kept, 3, now=4.0)
+    replays.forget_expired(now=14.5)  # b (3.0) and d (4.0) are past the 10 s window
+    assert replays.held_bytes == 0 and replays.get("d", 14.5) is None

@@ -34,6 +34,7 @@ from serving.server.config import ServerConfig
 from serving.server.endpoints import bind, close_http, grpc_server, process_registry, set_health
 from serving.server.metrics import ConveyorMetrics
 from serving.server.onnx_runner import OnnxStepRunner
+from serving.server.outbox import StreamLimits
 from serving.server.service import ConveyorServicer
 from serving.server.stores import open_store
 
@@ -208,9 +209,9 @@ async def _start(
         metrics=metrics,
     )
     engine = Engine(model, sessions, batcher, metrics, tenants.quotas() if tenants else None)
-    servicer = ConveyorServicer(
-        engine, metrics, max_inflight_per_stream=config.max_inflight_per_stream, tenants=tenants
-    )
+    streams = StreamLimits(config.max_inflight_per_stream, config.stream_max_bytes, config.max_streams)
+    servicer = ConveyorServicer(engine, metrics, stream_limits=streams, tenants=tenants)
+    metrics.track_held_bytes(lambda: {**sessions.held_bytes(), "stream": servicer.held_bytes()})
     server, health_servicer = grpc_server(servicer, metrics)
     await set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     try:

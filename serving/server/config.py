@@ -42,6 +42,10 @@ class ServerConfig:
     replay_window_s: float = 60.0  # how long a session keeps its last response to answer a retry
     replay_max_bytes: int = 65536  # the largest last response a session keeps (larger: digest only)
     max_inflight_per_stream: int = 256  # unanswered chunks one stream may have before it is read no further
+    # Bytes one stream may hold for chunks not yet answered and answers not yet sent (each chunk counts its
+    # request and the largest response it can get), before it is read no further; one chunk always fits.
+    stream_max_bytes: int = 4 << 20
+    max_streams: int = 1000  # streams open at once; one more is RESOURCE_EXHAUSTED
     ort_intra_op_threads: int = 1  # ONNX Runtime threads per batch; parallelism comes from batching
     grace_s: float = 10.0  # on stop, how long in-flight chunks get to finish
     # Where sessions live: "memory" (this process only) or a Redis URL (redis://host:6379/0, rediss://, unix://),
@@ -64,6 +68,8 @@ class ServerConfig:
             "max_chunk_steps",
             "max_sessions",
             "max_inflight_per_stream",
+            "stream_max_bytes",
+            "max_streams",
             "replay_max_bytes",
         ):
             _check(name, getattr(self, name) >= 1, "an integer >= 1")

@@ -7,7 +7,8 @@ per-RPC metrics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -22,6 +23,7 @@ TIMESTEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 SESSION_DURATION_BUCKETS_S = (1.0, 10.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 6 * 3600.0, 24 * 3600.0)
 SESSION_TIMESTEP_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 END_REASONS = ("end", "ttl", "lifetime", "capacity", "shutdown")
+HELD_KINDS = ("state", "replay", "ended_replay", "stream")
 
 
 class ConveyorMetrics:
@@ -60,6 +62,13 @@ class ConveyorMetrics:
         self._state_bytes = Gauge(
             "conveyor_state_bytes",
             "Bytes of recurrent state (h, c) held for live sessions.",
+            registry=registry,
+        )
+        self._held = Gauge(
+            "conveyor_held_bytes",
+            "Bytes held for clients, by kind: state (allocated), replay (live sessions' last responses), "
+            "ended_replay (ended sessions' last responses), stream (streams' unanswered and unsent chunks).",
+            ("kind",),
             registry=registry,
         )
         self._started = Counter("conveyor_sessions_started", "Sessions created.", registry=registry)
@@ -106,6 +115,11 @@ class ConveyorMetrics:
         self._capacity.set(capacity)
         self._sessions.set_function(count)
         self._state_bytes.set_function(lambda: count() * state_bytes_each)
+
+    def track_held_bytes(self, read: Callable[[], Mapping[str, int]]) -> None:
+        """Read `conveyor_held_bytes{kind}` from `read` (bytes by each of `HELD_KINDS`) at scrape time."""
+        for kind in HELD_KINDS:
+            self._held.labels(kind).set_function(functools.partial(_read_kind, read, kind))
 
     def observe_queue_wait(self, seconds: float) -> None:
         """Time one chunk waited between submission and the start of its batch."""
@@ -158,3 +172,7 @@ class ConveyorMetrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+
+def _read_kind(read: Callable[[], Mapping[str, int]], kind: str) -> float:
+    return read()[kind]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from serving.domain.notices import Watcher
 from serving.domain.sessions.store import SessionEnd
@@ -12,42 +13,82 @@ from serving.server.translate import end_notice
 from serving.wire import pb
 
 
+@dataclass(frozen=True)
+class StreamLimits:
+    """What streams may hold: together, at most `max_streams` x max(`max_bytes`, one chunk's cost)."""
+
+    window: int  # unanswered chunks per stream
+    max_bytes: int  # bytes of unanswered or unsent chunks per stream (see `chunk_cost`)
+    max_streams: int  # streams open at once
+
+
+def chunk_cost(request: pb.ChunkRequest, output_size: int, max_steps: int) -> int:
+    """Bytes a stream holds for `request` until its answer is sent: the request itself and the largest
+    response it can get (float32 outputs for each of its timesteps, or for the last one)."""
+    shape = request.inputs.shape
+    every_step = request.outputs != pb.OUTPUT_MODE_LAST
+    steps = min(max(shape[0], 1), max_steps) if shape and every_step else 1
+    return request.ByteSize() + 4 * output_size * steps
+
+
 class Outbox:
-    """One stream's outgoing messages in the order they were produced, and its window of unanswered chunks.
+    """One stream's outgoing messages in the order they were produced, and the chunks it may still take.
+
+    Each chunk read holds a cost (its request and the largest response it can get, in bytes) until its answer
+    is sent. Reading stops while `window` chunks are unanswered or `max_bytes` are held, but a stream holding
+    nothing always takes its next chunk, whatever its size: a client that does not read its responses makes
+    the server hold at most max(`max_bytes`, one chunk) for it, and gRPC's flow control then stops its writes.
 
     A deque and one future rather than an asyncio.Queue: every message passes through here, and each
     Queue.get asks asyncio for the running loop, which costs a system call."""
 
-    def __init__(self, window: int, loop: asyncio.AbstractEventLoop) -> None:
-        self._queue: collections.deque[tuple[pb.StreamResponse, bool] | None] = collections.deque()
+    def __init__(self, limits: StreamLimits, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue: collections.deque[tuple[pb.StreamResponse, int] | None] = collections.deque()
         self._loop = loop
         self._ready: asyncio.Future[None] | None = None  # the sender waits on it while the queue is empty
-        self._window = asyncio.Semaphore(window)
+        self._room: asyncio.Future[None] | None = None  # the reader waits on it while the stream is full
+        self._window = limits.window
+        self._max_bytes = limits.max_bytes
+        self._unanswered = 0
+        self.held_bytes = 0  # the unanswered and unsent chunks' costs
         self.touched: set[str] = set()  # sessions this stream used: the engine tells it when they end
         # One callable for all of them: each `self.notify` would be a new bound method, kept per session.
         self.watcher: Watcher = self.notify
 
-    async def reserve(self) -> None:
-        """Wait for room in the window: a client that does not read its responses is not read either."""
-        await self._window.acquire()
+    async def reserve(self, cost: int) -> None:
+        """Wait for room for a chunk of `cost` bytes: a client that does not read its responses is not read
+        either."""
+        while self._unanswered and (
+            self._unanswered >= self._window or self.held_bytes + cost > self._max_bytes
+        ):
+            self._room = self._loop.create_future()
+            await self._room
+        self._unanswered += 1
+        self.held_bytes += cost
 
-    def answer(self, response: pb.StreamResponse) -> None:
-        """Queue a chunk's response or error."""
-        self._put((response, True))
+    def answer(self, response: pb.StreamResponse, cost: int) -> None:
+        """Queue the response or error of a chunk `reserve`d at `cost`."""
+        self._put((response, cost))
 
     def notify(self, ended: SessionEnd) -> None:
-        """Queue the notice that a session this stream used has ended."""
+        """Queue the notice that a session this stream used has ended (no chunk's answer: it costs none)."""
         self.touched.discard(ended.session_id)
-        self._put((end_notice(ended), False))
+        self._put((end_notice(ended), -1))
 
     def finish(self) -> None:
         """No more messages: the stream ends after what is queued."""
         self._put(None)
 
-    def _put(self, item: tuple[pb.StreamResponse, bool] | None) -> None:
+    def _put(self, item: tuple[pb.StreamResponse, int] | None) -> None:
         self._queue.append(item)
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
+
+    def _sent(self, cost: int) -> None:
+        self._unanswered -= 1
+        self.held_bytes -= cost
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
 
     async def __aiter__(self) -> AsyncIterator[pb.StreamResponse]:
         queue = self._queue
@@ -58,7 +99,7 @@ class Outbox:
             item = queue.popleft()
             if item is None:
                 return
-            response, is_answer = item
+            response, cost = item
             yield response
-            if is_answer:
-                self._window.release()  # sent: one more chunk may be read
+            if cost >= 0:
+                self._sent(cost)  # sent: its bytes are gRPC's now, under the client's flow control

@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from serving.domain.errors import StoreUnavailableError
-from serving.domain.sessions.store import Cutoffs, EndReason, Expired, Session
+from serving.domain.sessions.store import Cutoffs, EndReason, Expired, HeldBytes, Session
 from serving.server.redis_scripts import SCRIPTS, decode_replay, encode_replay
 
 SWEEP_SLICE = 2000  # sessions one expire script looks at
@@ -147,6 +147,10 @@ class RedisSessionStore:
     def __len__(self) -> int:
         """Live sessions in the store as of this server's last sweep (other replicas' changes lag by one)."""
         return self._count
+
+    def held_bytes(self) -> HeldBytes:
+        """Nothing: states and replays are in Redis (its own INFO memory tells their size)."""
+        return HeldBytes(0, 0)
 
     def _key(self, session_id: str) -> str:
         return f"{self._prefix}s:{session_id}"

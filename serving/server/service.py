@@ -16,7 +16,7 @@ from serving.domain.notices import Watcher
 from serving.server.auth import Tenants
 from serving.server.malformed import Malformed
 from serving.server.metrics import ConveyorMetrics
-from serving.server.outbox import Outbox
+from serving.server.outbox import Outbox, StreamLimits, chunk_cost
 from serving.server.translate import (
     BY_NUMBER,
     chunk_from_pb,
@@ -40,22 +40,26 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         engine: Engine,
         metrics: ConveyorMetrics,
         *,
-        max_inflight_per_stream: int,
+        stream_limits: StreamLimits,
         tenants: Tenants | None = None,
     ) -> None:
         self._engine = engine
         self._metrics = metrics
         self._tenants = tenants  # None: no authentication, one namespace
-        self._window = max_inflight_per_stream
+        self._stream_limits = stream_limits
         self._outboxes: set[Outbox] = set()
+        model = engine.model
+        self._chunk_cost_args = (model.spec.output_size, model.max_chunk_steps)
 
     async def Stream(  # noqa: N802 (gRPC method names)
         self, request_iterator: AsyncIterator[pb.ChunkRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         """Answers each request in band, concurrently across sessions; tells the stream of ended sessions."""
         namespace = await self._namespace(context)
+        if len(self._outboxes) >= self._stream_limits.max_streams:
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, self._streams_full())
         loop = asyncio.get_running_loop()
-        outbox = Outbox(self._window, loop)
+        outbox = Outbox(self._stream_limits, loop)
         self._outboxes.add(outbox)
         reader = loop.create_task(self._read(request_iterator, outbox, loop, namespace))
         try:
@@ -99,6 +103,10 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         await self._namespace(context)
         return model_info_to_pb(self._engine.model)
 
+    def held_bytes(self) -> int:
+        """Bytes the open streams hold for chunks not yet answered and answers not yet sent."""
+        return sum(outbox.held_bytes for outbox in self._outboxes)
+
     def close_streams(self) -> None:
         """End every open stream once what is queued for it (e.g. shutdown notices) has been sent."""
         loop = asyncio.get_running_loop()
@@ -117,12 +125,14 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         try:
             async for request in requests:
                 received = time.perf_counter()
-                await outbox.reserve()
                 if isinstance(request, Malformed):  # answered in band: the stream's other chunks go on
+                    await outbox.reserve(0)  # its bytes are gone; its error is a few dozen
                     self._metrics.chunk_answered(time.perf_counter() - received, "INVALID_ARGUMENT")
-                    outbox.answer(malformed_error(request))
+                    outbox.answer(malformed_error(request), 0)
                     continue
-                task = loop.create_task(self._answer_in_band(request, received, outbox, namespace))
+                cost = chunk_cost(request, *self._chunk_cost_args)
+                await outbox.reserve(cost)
+                task = loop.create_task(self._answer_in_band(request, received, outbox, namespace, cost))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:
@@ -135,15 +145,15 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
             outbox.finish()
 
     async def _answer_in_band(
-        self, request: pb.ChunkRequest, received: float, outbox: Outbox, namespace: str
+        self, request: pb.ChunkRequest, received: float, outbox: Outbox, namespace: str, cost: int
     ) -> None:
         response = pb.StreamResponse()
         error = await self._answer(request, received, response.chunk, namespace, outbox.watcher)
         if error is not None:
-            outbox.answer(pb.StreamResponse(error=error))
+            outbox.answer(pb.StreamResponse(error=error), cost)
         else:
             outbox.touched.add(response.chunk.session_id)
-            outbox.answer(response)
+            outbox.answer(response, cost)
 
     async def _answer(
         self,
@@ -180,6 +190,13 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
             # Counted per RPC (grpc_server_handled_total), not as a chunk: GetModelInfo or a whole Stream
             # refused here is no chunk, and would skew the chunk error ratio.
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+
+    def _streams_full(self) -> str:
+        limit = self._stream_limits.max_streams
+        return (
+            f"the server has {limit} streams open, its limit (CONVEYOR_MAX_STREAMS): close one, or send "
+            "several sessions' chunks on one stream"
+        )
 
 
 async def _unary(context: grpc.aio.ServicerContext, call: Awaitable[_T]) -> _T:

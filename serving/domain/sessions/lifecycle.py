@@ -173,6 +173,12 @@ class Sessions:
         """Live sessions."""
         return len(self._store)
 
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this process holds for sessions, by kind: states, live sessions' last responses, and ended
+        sessions' (`ended_replay`)."""
+        state, replay = self._store.held_bytes()
+        return {"state": state, "replay": replay, "ended_replay": self._ended.held_bytes}
+
     def _cutoffs(self, now: float) -> Cutoffs:
         limits = self._limits
         return Cutoffs(now - limits.lifetime_s, now - limits.idle_ttl_s, now - limits.replay_window_s)

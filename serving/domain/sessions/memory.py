@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from serving.domain.sessions.slab import StateSlab
-from serving.domain.sessions.store import Cutoffs, Expired, Replay, Session
+from serving.domain.sessions.store import Cutoffs, Expired, HeldBytes, Replay, Session
 
 # Sessions `expire` looks at before it yields: 1-4 ms on the bench host, where a whole pass over 100k
 # sessions takes 40-160 ms (160 when it drops their replays).
@@ -39,6 +39,7 @@ class InMemorySessionStore:
         self._entries: dict[str, _Entry] = {}
         self._shape = state_shape
         self._slab = StateSlab(state_shape)
+        self._replay_bytes = 0  # of the entries' replay outputs, kept as they change: read at every scrape
 
     async def get(self, session_id: str, now: float) -> Session | None:
         """The session as it was before this look-up, which is a use: its last use becomes `now`."""
@@ -62,7 +63,7 @@ class InMemorySessionStore:
             return False
         # A new row, the old one released after: a reader of the old state never sees it change mid-chunk.
         entry = self._entry(session)
-        self._slab.release(old.slot)
+        self._forget(old)
         del self._entries[session_id]
         self._entries[session_id] = entry
         return True
@@ -89,6 +90,7 @@ class InMemorySessionStore:
                 if reason is not None:
                     removed.append((session_id, self._remove(session_id, entry), reason))
                 elif entry.replay is not None and entry.last_used_s < cutoffs.replay_s:
+                    self._replay_bytes -= entry.replay.nbytes
                     self._entries[session_id] = entry._replace(replay=None)  # same key: keeps its LRU place
             yield removed
 
@@ -100,11 +102,16 @@ class InMemorySessionStore:
         """Live sessions."""
         return len(self._entries)
 
+    def held_bytes(self) -> HeldBytes:
+        """The slab's pages, and the live sessions' kept responses."""
+        return HeldBytes(self._slab.held_bytes, self._replay_bytes)
+
     def _entry(self, session: Session) -> _Entry:
         state = session.state
         if state.shape != self._shape or state.dtype != np.float32:
             raise ValueError(f"state must be float32 {self._shape}, got {state.dtype} {state.shape}")
         slot = self._slab.store(state)
+        self._replay_bytes += _nbytes(session.replay)
         return _Entry(slot, session.steps, session.created_s, session.last_used_s, session.replay)
 
     def _session(self, entry: _Entry) -> Session:
@@ -114,5 +121,14 @@ class InMemorySessionStore:
     def _remove(self, session_id: str, entry: _Entry) -> Session:
         del self._entries[session_id]
         session = self._session(entry)._replace(state=self._slab.view(entry.slot).copy())
-        self._slab.release(entry.slot)
+        self._forget(entry)
         return session
+
+    def _forget(self, entry: _Entry) -> None:
+        """Release what a replaced or removed entry held."""
+        self._slab.release(entry.slot)
+        self._replay_bytes -= _nbytes(entry.replay)
+
+
+def _nbytes(replay: Replay | None) -> int:
+    return 0 if replay is None else replay.nbytes

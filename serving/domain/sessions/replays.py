@@ -27,13 +27,15 @@ class EndedReplays:
         self._window_s = window_s
         self._max_kept = max_kept
         self._kept: dict[str, EndedReplay] = {}
+        self.held_bytes = 0  # of the kept outputs, kept as they come and go: read at every scrape
 
     def keep(self, session_id: str, replay: Replay, steps: int, now: float) -> None:
         """Keep the replay of `session_id`, which has just ended at `steps`."""
-        self._kept.pop(session_id, None)  # re-inserted last: the dict stays in order of ending
+        self.discard(session_id)  # re-inserted last: the dict stays in order of ending
         self._kept[session_id] = EndedReplay(replay, steps, now)
+        self.held_bytes += replay.nbytes
         if len(self._kept) > self._max_kept:
-            del self._kept[next(iter(self._kept))]
+            self.discard(next(iter(self._kept)))
 
     def get(self, session_id: str, now: float) -> EndedReplay | None:
         """The kept replay of `session_id` while within the window; None otherwise."""
@@ -44,10 +46,12 @@ class EndedReplays:
 
     def discard(self, session_id: str) -> None:
         """Forget `session_id`'s replay: the id starts a new session, to which it does not belong."""
-        self._kept.pop(session_id, None)
+        dropped = self._kept.pop(session_id, None)
+        if dropped is not None:
+            self.held_bytes -= dropped.replay.nbytes
 
     def forget_expired(self, now: float) -> None:
         """Drop the replays past the window (they are at the front: kept in the order they ended)."""
         kept = self._kept
         while kept and now - next(iter(kept.values())).ended_s > self._window_s:
-            del kept[next(iter(kept))]
+            self.discard(next(iter(kept)))

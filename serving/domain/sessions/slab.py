@@ -37,6 +37,11 @@ class StateSlab:
         row: np.ndarray = self._views[slot >> PAGE_BITS][slot & _ROW_MASK]
         return row
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the pages allocated (rows in use or free)."""
+        return sum(page.nbytes for page in self._pages)
+
     def release(self, slot: int) -> None:
         """Give `slot` back; the next `store` may reuse it."""
         self._free.append(slot)

@@ -1,7 +1,8 @@
 """The session store interface: all a backend must do, and the immutable records it holds.
 
 A backend keeps `session_id -> Session` and nothing else: look up, create, replace with a compare-and-set on
-the step count, end, expire, count (and name its least recently used session, for eviction at capacity).
+the step count, end, expire, count (and name its least recently used session, for eviction at capacity, and
+say what memory it holds here).
 What the contract builds over it (capacity, end notices, ended sessions' replays, snapshots) lives in
 `serving.domain.sessions.lifecycle` and `.snapshots`, the same for every backend. The compare-and-set is what
 makes a shared backend safe: two servers can never both apply a chunk at the same offset.
@@ -46,6 +47,11 @@ class Replay(NamedTuple):
     # still keeps a retry from being applied twice.
     outputs: np.ndarray | None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the kept outputs (0 when only the digest is kept)."""
+        return 0 if self.outputs is None else self.outputs.nbytes
+
 
 class Session(NamedTuple):
     """One live session as a store hands it out: immutable, replaced whole on each change (a named tuple, as
@@ -72,6 +78,13 @@ class Cutoffs(NamedTuple):
         if last_used_s < self.used_s:
             return EndReason.TTL
         return None
+
+
+class HeldBytes(NamedTuple):
+    """Bytes a store holds in this process, by kind (a networked store holds its sessions elsewhere: 0)."""
+
+    state: int  # recurrent states, as allocated
+    replay: int  # live sessions' last responses, kept for retries
 
 
 Expired = tuple[str, Session, EndReason]  # a session `expire` removed, and why
@@ -120,4 +133,8 @@ class SessionStore(Protocol):
 
     def __len__(self) -> int:
         """Live sessions (read at scrape time)."""
+        ...
+
+    def held_bytes(self) -> HeldBytes:
+        """What this process holds for the sessions (read at scrape time)."""
         ...
