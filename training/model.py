@@ -2,7 +2,7 @@
 
 The recurrent state is an argument and a return value, never a module attribute, so the same `forward`
 serves training (state starts at zeros), chunked streaming (state carried between calls) and ONNX export
-(state becomes the graph inputs `h0`, `c0` and outputs `hn`, `cn`).
+(each state tensor becomes a graph input, `h0` and for an LSTM `c0`, and an output, `hn` and `cn`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ InputKind = Literal["tokens", "features"]
 CELL_KINDS: tuple[CellKind, ...] = ("lstm", "gru", "rnn")
 INPUT_KINDS: tuple[InputKind, ...] = ("tokens", "features")
 
-# (h, c), each (layers, B, H). GRU and plain RNN have no cell state: their c is carried through unchanged so
-# every model has the same signature, and the export and serving stages never special-case the cell.
-State = tuple[torch.Tensor, torch.Tensor]
+# The cell's state tensors, each (layers, B, H): (h, c) for an LSTM, (h,) for a GRU or a plain RNN, which
+# have no cell state. Export and serving take any such tuple, named in the model card.
+State = tuple[torch.Tensor, ...]
+STATE_NAMES: dict[CellKind, tuple[str, ...]] = {"lstm": ("h", "c"), "gru": ("h",), "rnn": ("h",)}
 
 
 @dataclass(frozen=True)
@@ -75,21 +76,23 @@ class SequenceModel(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.output_size)
 
     def init_state(self, batch: int) -> State:
-        """Zero state for `batch` independent sequences: (h, c), each (layers, batch, hidden)."""
+        """Zero state for `batch` independent sequences: one (layers, batch, hidden) tensor per state name."""
         shape = (self.config.num_layers, batch, self.config.hidden_size)
-        return torch.zeros(shape), torch.zeros(shape)
+        return tuple(torch.zeros(shape) for _ in STATE_NAMES[self.config.cell])
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Run `x` from `state`; returns raw logits (B, T, output_size) and the state after the last step."""
-        h, c = state  # h, c: (layers, B, H)
         e = self.encoder(x)  # (B, T, E)
         if isinstance(self.rnn, nn.LSTM):
+            h, c = state  # (layers, B, H) each
             z, (hn, cn) = self.rnn(e, (h, c))  # z: (B, T, H)
+            new_state: State = (hn, cn)
         else:
+            (h,) = state
             z, hn = self.rnn(e, h)  # z: (B, T, H)
-            cn = c  # no cell state: carried unchanged (see `State`)
+            new_state = (hn,)
         y = self.head(z)  # (B, T, output_size)
-        return y, (hn, cn)
+        return y, new_state
 
 
 def count_parameters(model: nn.Module) -> int:
