@@ -1,11 +1,13 @@
-"""Export: a training checkpoint -> `model.onnx` with explicit (h, c) state + `model.json`, verified."""
+"""Export: a training checkpoint, or any recurrent PyTorch module of the user's own -> `model.onnx` with its
+state as explicit inputs and outputs, and `model.json`, verified."""
 
 from export.artifact import export_artifact
-from export.card import InputSpec, ModelCard, OutputSpec
+from export.card import OPSET
 from export.errors import ExportError
-from export.onnx_export import OPSET
-from export.verify import TOLERANCE, ParityCase, ParityReport
+from export.module import export_module
+from export.verify import TOLERANCE
 from modelcard import CARD_FILE, ONNX_FILE
+from modelcard.card import InputSpec, ModelCard, OutputSpec, ParityCase, ParityReport, StateTensor
 
 __all__ = [
     "CARD_FILE",
@@ -18,5 +20,7 @@ __all__ = [
     "OutputSpec",
     "ParityCase",
     "ParityReport",
+    "StateTensor",
     "export_artifact",
+    "export_module",
 ]

@@ -1,7 +1,5 @@
-"""PyTorch `SequenceModel` -> ONNX graph with the recurrent state as explicit inputs and outputs.
-
-The graph's signature is the artifact contract's (`modelcard`): inputs x, h0, c0; outputs y, hn, cn.
-"""
+"""A PyTorch module whose `forward(x, state) -> (y, state)` takes a tuple of state tensors -> an ONNX graph
+with each state tensor an explicit input and output, named as the card says (`modelcard.card`)."""
 
 from __future__ import annotations
 
@@ -14,50 +12,32 @@ import onnx
 import torch
 from torch import nn
 
+from export.card import OPSET
 from export.errors import ExportError
-from modelcard import INPUT_NAMES, OUTPUT_NAMES
-from training.model import SequenceModel
-
-OPSET = 17
-
-# The traced example's sizes. Neither is 1, so the tracer cannot mistake a broadcastable 1 for a fixed size;
-# verification then runs other batch sizes and lengths to prove both axes really are dynamic.
-_EXAMPLE_BATCH = 2
-_EXAMPLE_TIME = 3
+from modelcard.card import ModelCard
 
 
 class _StateAsTensors(nn.Module):
-    """Flattens the `(h, c)` tuple so that each half becomes its own named graph input and output."""
+    """Flattens the state tuple so that each tensor becomes its own named graph input and output."""
 
-    def __init__(self, model: SequenceModel) -> None:
+    def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.module = module
 
-    def forward(
-        self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        y, (hn, cn) = self.model(x, (h0, c0))
-        return y, hn, cn
+    def forward(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y, new_state = self.module(x, tuple(state))
+        return (y, *new_state)
 
 
-def _dynamic_axes() -> dict[str, dict[int, str]]:
+def _dynamic_axes(card: ModelCard) -> dict[str, dict[int, str]]:
     sequence = {0: "batch", 1: "time"}  # x, y: (batch, time, ...)
-    state = {1: "batch"}  # h, c: (layers, batch, hidden)
-    (x, *state_inputs), (y, *state_outputs) = INPUT_NAMES, OUTPUT_NAMES
-    return {x: sequence, y: sequence} | {name: state for name in (*state_inputs, *state_outputs)}
+    axes = {card.input.name: sequence, card.output.name: sequence}
+    for tensor in card.state:
+        axes[tensor.input] = axes[tensor.output] = {tensor.batch_axis: "batch"}
+    return axes
 
 
-def _example_inputs(model: SequenceModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    config = model.config
-    if config.input_kind == "tokens":
-        x = torch.zeros((_EXAMPLE_BATCH, _EXAMPLE_TIME), dtype=torch.int64)
-    else:
-        x = torch.zeros((_EXAMPLE_BATCH, _EXAMPLE_TIME, config.input_size), dtype=torch.float32)
-    h0, c0 = model.init_state(_EXAMPLE_BATCH)
-    return x, h0, c0
-
-
-def _trace(model: SequenceModel) -> bytes:
+def _trace(module: nn.Module, example: tuple[torch.Tensor, ...], card: ModelCard) -> bytes:
     with tempfile.TemporaryDirectory() as temp, warnings.catch_warnings():
         # Expected noise, each covered by verification: the legacy exporter is deliberate (the dynamo one
         # froze y's time axis to the example's length); nn.LSTM's shape checks trace as constants; and the
@@ -67,22 +47,26 @@ def _trace(model: SequenceModel) -> bytes:
         warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
         path = Path(temp) / "model.onnx"
         torch.onnx.export(
-            _StateAsTensors(model).eval(),
-            _example_inputs(model),
+            _StateAsTensors(module).eval(),
+            example,
             path,
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes=_dynamic_axes(),
+            input_names=[card.input.name, *(tensor.input for tensor in card.state)],
+            output_names=[card.output.name, *(tensor.output for tensor in card.state)],
+            dynamic_axes=_dynamic_axes(card),
             opset_version=OPSET,
             dynamo=False,
         )
         return path.read_bytes()
 
 
-def to_onnx(model: SequenceModel, metadata: Mapping[str, str]) -> onnx.ModelProto:
-    """Trace `model` into a checked ONNX graph (opset 17, dynamic batch/time) carrying `metadata` as props."""
+def to_onnx(
+    module: nn.Module, example: tuple[torch.Tensor, ...], card: ModelCard, metadata: Mapping[str, str]
+) -> onnx.ModelProto:
+    """Trace `module` on `example` (x, *state) into a checked ONNX graph (opset 17, dynamic batch and time)
+    carrying `metadata` as props. The example's batch and time must not be 1: the tracer could take a
+    broadcastable 1 for a fixed size (verification then runs other sizes to prove both axes dynamic)."""
     try:
-        proto = onnx.load_from_string(_trace(model))
+        proto = onnx.load_from_string(_trace(module, example, card))
     except Exception as exc:  # the tracer raises anything from RuntimeError to AssertionError
         raise ExportError(f"torch.onnx.export failed: {exc}") from exc
     for key, value in metadata.items():

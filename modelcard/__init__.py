@@ -1,11 +1,13 @@
 """The artifact contract between export (which writes it) and serving (which reads it), defined once.
 
-An exported model is a directory holding `model.onnx` and its card `model.json`. The graph's inputs are
-`x`, `h0`, `c0` and its outputs `y`, `hn`, `cn`:
-    x   int64 [batch, time] (tokens) | float32 [batch, time, features]
-    h0, c0, hn, cn  float32 [layers, batch, hidden]
+An exported model is a directory holding `model.onnx` and its card `model.json` (`modelcard.card`). The graph
+takes one input sequence and the recurrent state, and returns one output sequence and the state after it:
+    x   (named by the card) int64 [batch, time] (tokens) | float32 [batch, time, features]
     y   float32 [batch, time, outputs]
-This module needs neither torch nor onnxruntime: the exporter, the server and the benchmark all import it.
+    each state tensor of the card: an input before the chunk and an output after it, float32, one batch axis
+(our own LSTMs: x, h0, c0 -> y, hn, cn, states [layers, batch, hidden]; a GRU or RNN has h alone).
+This package needs neither torch nor onnxruntime, except `modelcard.graph` and `modelcard.adopt`, which run
+graphs with onnxruntime: the exporter, the server and the benchmark import the rest.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from modelcard.card import StateTensor, states_of_card
+from modelcard.layout import StateLayout
+
 ONNX_FILE = "model.onnx"
 CARD_FILE = "model.json"
-INPUT_NAMES = ("x", "h0", "c0")
-OUTPUT_NAMES = ("y", "hn", "cn")
 INPUT_KINDS = ("tokens", "features")
 
 
@@ -35,14 +38,28 @@ class ModelSpec:
     output_meaning: str
     output_labels: tuple[str, ...]
     vocabulary: tuple[str, ...]  # empty for feature models
-    layers: int
+    layers: int  # 0 when the card does not say (a graph of a user's own)
     hidden: int
     fingerprint: str  # sha256 of model.onnx, hex
+    states: tuple[StateTensor, ...]
+    cell: str = "lstm"
+    input_name: str = "x"
+    output_name: str = "y"
 
     @functools.cached_property  # checked against every chunk
     def input_dtype(self) -> np.dtype[Any]:
         """The dtype a chunk's inputs must have."""
         return input_dtype(self.input_kind)
+
+    @functools.cached_property
+    def layout(self) -> StateLayout:
+        """How a session's state row holds the state tensors."""
+        return StateLayout(self.states)
+
+    @property
+    def state_size(self) -> int:
+        """Floats of state per session."""
+        return self.layout.size
 
 
 def input_dtype(kind: str) -> np.dtype[Any]:
@@ -51,7 +68,8 @@ def input_dtype(kind: str) -> np.dtype[Any]:
 
 
 def spec_from_card(card: dict[str, Any]) -> ModelSpec:
-    """The spec described by a parsed `model.json`; `KeyError`/`TypeError`/`ValueError` when malformed."""
+    """The spec described by a parsed `model.json` (format 1 or 2); `KeyError`/`TypeError`/`ValueError` when
+    malformed."""
     vocabulary = card["vocabulary"] or ()
     return ModelSpec(
         name=str(card["name"]),
@@ -62,9 +80,13 @@ def spec_from_card(card: dict[str, Any]) -> ModelSpec:
         output_meaning=str(card["output"]["meaning"]),
         output_labels=tuple(str(label) for label in card["output"]["labels"]),
         vocabulary=tuple(str(word) for word in vocabulary),
-        layers=int(card["layers"]),
-        hidden=int(card["hidden"]),
+        layers=int(card["layers"] or 0),
+        hidden=int(card["hidden"] or 0),
         fingerprint=str(card["onnx_sha256"]),
+        states=states_of_card(card),
+        cell=str(card.get("cell", "lstm")),
+        input_name=str(card["input"].get("name", "x")),
+        output_name=str(card["output"].get("name", "y")),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from modelcard import ModelSpec
+from modelcard.card import recurrent_states
 
 
 class FakeClock:
@@ -35,6 +36,7 @@ FAKE_SPEC = ModelSpec(
     layers=FAKE_LAYERS,
     hidden=FAKE_HIDDEN,
     fingerprint="ef" * 32,
+    states=recurrent_states(("h", "c"), FAKE_LAYERS, FAKE_HIDDEN),
 )
 
 
@@ -49,14 +51,16 @@ class FakeRunner:
         self.spec = spec
         self.calls: list[tuple[int, int]] = []  # (batch, time) of each run
 
-    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(x [B, T] or [B, T, F], h, c (layers, B, H)) -> (y [B, T, H], hn, cn)."""
+    def run(self, x: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(x [B, T] or [B, T, F], state rows [B, 2 x layers x H]: h then c) -> (y [B, T, H], new rows)."""
         batch, steps = x.shape[:2]
         self.calls.append((batch, steps))
         drive = x.reshape(batch, steps, -1).sum(axis=2, dtype=np.float32)  # [B, T]
-        rows = []
+        both = states.reshape(batch, 2, self.spec.layers, self.spec.hidden)
+        h, c = both[:, 0], both[:, 1]  # (B, layers, H)
+        outputs = []
         for t in range(steps):
-            h = np.float32(0.5) * h + np.float32(0.25) * drive[None, :, t, None]
+            h = np.float32(0.5) * h + np.float32(0.25) * drive[:, t, None, None]
             c = c + h
-            rows.append(h[-1])
-        return np.stack(rows, axis=1), h, c
+            outputs.append(h[:, -1])
+        return np.stack(outputs, axis=1), np.stack((h, c), axis=1).reshape(batch, -1)

@@ -22,7 +22,7 @@ FIRST_PARTY = ("modelcard", "training", "export", "serving")
 # Part -> the first-party parts it may import. A module's part is its longest listed prefix.
 _SERVER_SIDE = {"serving.server", "serving.domain", "serving.wire", "modelcard"}
 ALLOWED: dict[str, set[str]] = {
-    "modelcard": set(),
+    "modelcard": {"modelcard"},
     "training": {"training"},
     "export": {"export", "training", "modelcard"},
     "serving": set(),
@@ -44,6 +44,9 @@ FORBIDDEN_LIBRARIES: dict[str, set[str]] = {
     "serving.client": {"onnxruntime"},
 }
 ONNXRUNTIME_HOME = "serving.server.onnx_runner"  # the one serving module that may load the runtime
+# The artifact contract's modules that run graphs (the checks every artifact passes): they may load
+# onnxruntime, and the parts that must not load it must not import them either.
+MODELCARD_RUNTIME = {"modelcard.graph", "modelcard.adopt"}
 
 
 def _modules() -> Iterator[tuple[str, Path]]:
@@ -86,10 +89,14 @@ def _violations(modules: Iterable[tuple[str, Path]]) -> Iterator[str]:
                 target = _part(imported, ALLOWED) or top
                 if target not in ALLOWED[part]:
                     yield f"{where}:{line}: {part} must not import {imported}"
+                elif imported in MODELCARD_RUNTIME and "onnxruntime" in FORBIDDEN_LIBRARIES.get(part, ()):
+                    yield f"{where}:{line}: {part} must not import {imported}, which loads onnxruntime"
                 elif target in LAZY_ONLY.get(part, set()) and not lazy:
                     yield f"{where}:{line}: {part} may import {imported} only inside a function"
                 continue
             for ruled, libraries in FORBIDDEN_LIBRARIES.items():
+                if top == "onnxruntime" and module in MODELCARD_RUNTIME:
+                    continue
                 if (module == ruled or module.startswith(ruled + ".")) and top in libraries:
                     yield f"{where}:{line}: {ruled} must not import {top}"
             if top == "onnxruntime" and module.startswith("serving.") and module != ONNXRUNTIME_HOME:
@@ -107,6 +114,8 @@ def test_the_rules_catch_each_kind_of_breach(tmp_path: Path) -> None:
         "serving.cli.bad": "from training.train import train\n\ndef lazy() -> None:\n    import export\n",
         "serving.domain.bad": "import grpc\n",
         "serving.server.bad": "import onnxruntime\n",
+        "serving.domain.graph": "from modelcard.graph import Graph\n",
+        "modelcard.bad": "import onnxruntime\n",
     }
     modules = []
     for module, source in sources.items():
@@ -114,9 +123,11 @@ def test_the_rules_catch_each_kind_of_breach(tmp_path: Path) -> None:
         path.write_text(source)
         modules.append((module, path))
     assert sorted(_violations(modules)) == [
+        "modelcard.bad.py:1: modelcard must not import onnxruntime",
         "serving.cli.bad.py:1: serving.cli may import training.train only inside a function",
         "serving.client.bad.py:1: serving.client must not import serving.server.app",
         "serving.domain.bad.py:1: serving.domain must not import grpc",
+        "serving.domain.graph.py:1: serving.domain must not import modelcard.graph, which loads onnxruntime",
         f"serving.server.bad.py:1: only {ONNXRUNTIME_HOME} loads onnxruntime",
     ]
 
@@ -162,9 +173,9 @@ def test_the_domain_runs_with_a_fake_runner_where_no_runtime_can_be_imported() -
                 return np.concatenate(outputs)
 
             streamed = await asyncio.gather(*(stream(s, x) for s, x in sequences.items()))
-            zeros = np.zeros((FAKE_SPEC.layers, 1, FAKE_SPEC.hidden), np.float32)
+            zeros = np.zeros((1, FAKE_SPEC.state_size), np.float32)
             for (session_id, x), outputs in zip(sequences.items(), streamed):
-                whole = FakeRunner().run(x[None], zeros, zeros)[0][0]
+                whole = FakeRunner().run(x[None], zeros)[0][0]
                 assert np.array_equal(outputs, whole), session_id
             await engine.close(grace_s=1)
             batcher.close()

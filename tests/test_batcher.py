@@ -36,13 +36,13 @@ class RecordingMetrics:
 def _chunks(lengths: list[int], seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [
-        (rng.integers(0, 50, n), rng.standard_normal((2, LAYERS, HIDDEN)).astype(np.float32)) for n in lengths
+        (rng.integers(0, 50, n), rng.standard_normal(2 * LAYERS * HIDDEN).astype(np.float32)) for n in lengths
     ]
 
 
 def _alone(x: np.ndarray, state: np.ndarray) -> RowResult:
-    y, hn, cn = FakeRunner().run(x[None], state[0][:, None], state[1][:, None])
-    return y[0], np.stack((hn[:, 0], cn[:, 0]))
+    y, new_states = FakeRunner().run(x[None], state[None])
+    return y[0], new_states[0]
 
 
 async def _run_all(
@@ -79,7 +79,7 @@ def test_every_row_equals_its_run_alone_and_batches_group_by_length() -> None:
         assert not isinstance(result, BaseException)
         expected_y, expected_state = _alone(x, state)
         assert np.array_equal(result[0], expected_y) and np.array_equal(result[1], expected_state)
-        assert result[1].shape == (2, LAYERS, HIDDEN) and result[1].flags.c_contiguous
+        assert result[1].shape == (2 * LAYERS * HIDDEN,) and result[1].flags.c_contiguous
     # Everything was waiting when the worker first ran: one call per length, the oldest chunk's length first.
     assert runner.calls == [(4, 3), (2, 5), (2, 1)]
 
@@ -108,19 +108,19 @@ def test_a_delay_lets_a_batch_fill_and_no_delay_takes_what_waits() -> None:
 class ShortRunner(FakeRunner):
     """Returns one row too few: the split check must catch it."""
 
-    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        y, hn, cn = super().run(x, h, c)
-        return y[1:], hn, cn
+    def run(self, x: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        y, new_states = super().run(x, states)
+        return y[1:], new_states
 
 
 class FailingOnceRunner(FakeRunner):
     """Fails its first call."""
 
-    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(self, x: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self.calls:
             self.calls.append((0, 0))
             raise RuntimeError("runtime broke")
-        return super().run(x, h, c)
+        return super().run(x, states)
 
 
 def test_a_wrong_split_size_fails_every_caller_of_the_batch() -> None:
@@ -172,10 +172,10 @@ class ThreadRecordingRunner(FakeRunner):
         self.seconds_per_step = seconds_per_step
         self.threads: list[str] = []
 
-    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(self, x: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.threads.append(threading.current_thread().name)
         time.sleep(self.seconds_per_step * x.shape[1])
-        return super().run(x, h, c)
+        return super().run(x, states)
 
 
 def test_short_batches_run_inline_once_timed_and_long_ones_on_the_runner_thread() -> None:

@@ -37,8 +37,8 @@ class Quiet:
 
 def _reference(tokens: list[int]) -> np.ndarray:
     """Every timestep's outputs of `tokens` run whole from zero state."""
-    zeros = np.zeros((FAKE_SPEC.layers, 1, FAKE_SPEC.hidden), np.float32)
-    return np.asarray(FakeRunner().run(np.array(tokens, np.int64)[None], zeros, zeros)[0][0])
+    zeros = np.zeros((1, FAKE_SPEC.state_size), np.float32)
+    return np.asarray(FakeRunner().run(np.array(tokens, np.int64)[None], zeros)[0][0])
 
 
 class SessionContract(RuleBasedStateMachine):

@@ -56,8 +56,8 @@ def _run(scenario: Callable[[Harness], Awaitable[_T]], runner: FakeRunner | None
 
 
 def _expected(x: np.ndarray) -> np.ndarray:
-    zeros = np.zeros((LAYERS, 1, HIDDEN), np.float32)
-    return np.asarray(FakeRunner().run(x[None], zeros, zeros)[0][0])
+    zeros = np.zeros((1, 2 * LAYERS * HIDDEN), np.float32)
+    return np.asarray(FakeRunner().run(x[None], zeros)[0][0])
 
 
 X = np.arange(12, dtype=np.int64) % VOCABULARY
@@ -78,10 +78,10 @@ class FailingRunner(FakeRunner):
 
     broken = False
 
-    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(self, x: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.broken:
             raise RuntimeError("the runtime failed")
-        return super().run(x, h, c)
+        return super().run(x, states)
 
 
 def test_a_failed_run_leaves_the_session_as_it_was() -> None:
@@ -139,10 +139,10 @@ class GatedRunner(FakeRunner):
         super().__init__()
         self.gate, self.entered = threading.Event(), threading.Event()
 
-    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(self, x: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.entered.set()
         assert self.gate.wait(10)
-        return super().run(x, h, c)
+        return super().run(x, states)
 
 
 def test_close_lets_in_flight_chunks_finish_then_ends_every_session() -> None:

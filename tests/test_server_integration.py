@@ -218,11 +218,11 @@ class GatedRunner(OnnxStepRunner):
     gate: threading.Event | None = None
     entered = threading.Event()
 
-    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> Arrays:
+    def run(self, x: np.ndarray, states: np.ndarray) -> Arrays:
         if self.gate is not None:
             self.entered.set()
             assert self.gate.wait(20)
-        return super().run(x, h, c)
+        return super().run(x, states)
 
 
 def _poll(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:

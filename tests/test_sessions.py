@@ -4,7 +4,9 @@ snapshot codec, and memory per session."""
 from __future__ import annotations
 
 import asyncio
+import struct
 import tracemalloc
+import zlib
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
@@ -36,7 +38,7 @@ class Lifecycle:
     """`Sessions` over a fresh in-memory store, and every end it told."""
 
     def __init__(self, clock: FakeClock, limits: SessionLimits = LIMITS) -> None:
-        self.store = InMemorySessionStore((2, LAYERS, HIDDEN))
+        self.store = InMemorySessionStore((2 * LAYERS * HIDDEN,))
         self.sessions = Sessions(self.store, limits, clock=clock)
         self.ended: list[SessionEnd] = []
         self.sessions.add_listener(self.ended.append)
@@ -56,7 +58,7 @@ def _run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 def _state(value: float, hidden: int = HIDDEN) -> np.ndarray:
-    return np.full((2, LAYERS, hidden), value, np.float32)
+    return np.full(2 * LAYERS * hidden, value, np.float32)
 
 
 def _replay(offset: int = 0) -> Replay:
@@ -77,8 +79,8 @@ def test_commit_then_get_returns_a_read_only_state_and_counts() -> None:
 
 
 def test_initial_state_is_zeros_at_step_zero() -> None:
-    state, steps = SnapshotCodec(FINGERPRINT, (2, LAYERS, HIDDEN)).initial(b"")
-    assert steps == 0 and state.shape == (2, LAYERS, HIDDEN) and not state.any()
+    state, steps = SnapshotCodec(FINGERPRINT, 2 * LAYERS * HIDDEN).initial(b"")
+    assert steps == 0 and state.shape == (2 * LAYERS * HIDDEN,) and not state.any()
 
 
 def test_idle_sessions_expire_on_access_and_on_sweep() -> None:
@@ -267,14 +269,24 @@ def test_shutdown_ends_every_session_and_tells_listeners_why() -> None:
 
 
 def _codec(fingerprint: str = FINGERPRINT, hidden: int = HIDDEN) -> SnapshotCodec:
-    return SnapshotCodec(fingerprint, (2, LAYERS, hidden))
+    return SnapshotCodec(fingerprint, 2 * LAYERS * hidden)
 
 
 def test_a_snapshot_restores_state_and_steps() -> None:
-    state = np.random.default_rng(0).standard_normal((2, LAYERS, HIDDEN)).astype(np.float32)
+    state = np.random.default_rng(0).standard_normal(2 * LAYERS * HIDDEN).astype(np.float32)
     blob = _codec().encode(state, 42)
     restored, restored_steps = _codec().initial(blob)
     assert restored_steps == 42 and np.array_equal(restored, state)
+
+
+def test_a_snapshot_of_format_1_still_restores() -> None:
+    """Format 1 (before the card declared its state) held an LSTM's (2, layers, hidden): the same floats in
+    the same order as the state row."""
+    state = np.random.default_rng(1).standard_normal((2, LAYERS, HIDDEN)).astype(np.float32)
+    header = struct.pack("<7sB32sIIQ", b"CVYSNAP", 1, bytes.fromhex(FINGERPRINT), LAYERS, HIDDEN, 7)
+    body = header + state.astype("<f4").tobytes()
+    restored, steps = _codec().initial(body + struct.pack("<I", zlib.crc32(body)))
+    assert steps == 7 and np.array_equal(restored, state.reshape(-1))
 
 
 def test_a_snapshot_of_another_model_is_refused_as_such() -> None:
@@ -290,13 +302,13 @@ def test_damaged_or_foreign_snapshots_are_invalid() -> None:
     blob = codec.encode(_state(1), 3)
     flipped = bytearray(blob)
     flipped[-10] ^= 0xFF
-    version_2 = blob[:7] + b"\x02" + blob[8:]
+    version_3 = blob[:7] + b"\x03" + blob[8:]
     cases = {
         b"": None,  # empty means no snapshot: zeros
         b"garbage": "not a Conveyor snapshot",
         blob[:-1]: "truncated or corrupt",
         bytes(flipped): "truncated or corrupt",
-        version_2: "format version 2 is not supported",
+        version_3: r"format version 3 is not supported \(1 or 2\)",
     }
     for bad, message in cases.items():
         if message is None:
@@ -304,7 +316,7 @@ def test_damaged_or_foreign_snapshots_are_invalid() -> None:
             continue
         with pytest.raises(InvalidSnapshotError, match=message):
             codec.initial(bad)
-    with pytest.raises(InvalidSnapshotError, match="state for 2 layers x 8, not 2 x 9"):
+    with pytest.raises(InvalidSnapshotError, match="holds 32 floats of state, not 36"):
         _codec(hidden=HIDDEN + 1).initial(blob)
 
 
@@ -316,8 +328,8 @@ def test_memory_per_idle_session(layers: int, hidden: int) -> None:
     one chunk with LAST outputs of 4 values, so it also holds its replay cache (the key and that response).
     """
     count = 2000
-    store = InMemorySessionStore((2, layers, hidden))
-    state = np.ones((2, layers, hidden), np.float32)
+    store = InMemorySessionStore((2 * layers * hidden,))
+    state = np.ones(2 * layers * hidden, np.float32)
 
     async def fill() -> None:
         for i in range(count):

@@ -164,21 +164,18 @@ def _raise_failed(waited: tuple[set[asyncio.Task[None]], set[asyncio.Task[None]]
 
 
 def _measure_floor(job: Job) -> Job:
+    from modelcard.graph import random_inputs
     from serving.server.onnx_runner import OnnxStepRunner
 
     cell = Cell(**job["cell"])
     runner = OnnxStepRunner.load(Path(job["model_dir"]), intra_op_threads=job["ort_threads"])
     spec = runner.spec
     batch = min(cell.sessions, job["max_batch_size"])
-    rng = np.random.default_rng(job.get("seed", 0))
-    if spec.input_kind == "tokens":
-        x = rng.integers(0, spec.input_size, (batch, cell.chunk_steps), dtype=np.int64)
-    else:
-        x = rng.standard_normal((batch, cell.chunk_steps, spec.input_size)).astype(np.float32)
-    state = [np.zeros((spec.layers, batch, spec.hidden), np.float32)] * 2
+    x = random_inputs(spec, batch, cell.chunk_steps, np.random.default_rng(job.get("seed", 0)))
+    states = [np.zeros((batch, spec.state_size), np.float32)]
 
-    def step() -> None:
-        _, state[0], state[1] = runner.run(x, state[0], state[1])
+    def step() -> None:  # the server's runner call: the state rows unpacked, ORT run, packed back
+        _, states[0] = runner.run(x, states[0])
 
     window = _Window()
     _repeat(step, job["warmup_s"], window, batch, cell.chunk_steps)  # closed window: nothing counted

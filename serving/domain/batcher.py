@@ -20,8 +20,8 @@ import numpy as np
 from serving.domain.errors import ShuttingDownError
 from serving.domain.runner import StepRunner
 
-# One chunk's result: y [time, outputs] and the new state (2, layers, hidden) ([0] h, [1] c), both views of
-# the batch's arrays: a caller that keeps one past its use copies it.
+# One chunk's result: y [time, outputs] and the new state row [state size], both views of the batch's arrays:
+# a caller that keeps one past its use copies it.
 RowResult = tuple[np.ndarray, np.ndarray]
 _Computed = tuple[list[RowResult], float]  # a batch's rows, and its inference seconds
 
@@ -52,7 +52,7 @@ class BatchShapeError(RuntimeError):
 @dataclass(slots=True)
 class _Pending:
     x: np.ndarray  # [time] or [time, features]
-    state: np.ndarray  # (2, layers, hidden)
+    state: np.ndarray  # [state size]
     future: asyncio.Future[RowResult]
     enqueued_s: float = field(default_factory=time.perf_counter)
 
@@ -202,14 +202,12 @@ class Batcher:
 
     def _compute(self, batch: list[_Pending]) -> _Computed:
         x = np.stack([item.x for item in batch])  # [B, T] or [B, T, F]
-        states = np.stack([item.state for item in batch], axis=2)  # (2, layers, B, hidden)
+        states = np.stack([item.state for item in batch])  # [B, state size]
         started = time.perf_counter()
-        y, hn, cn = self._runner.run(x, states[0], states[1])  # y: [B, T, O]; hn, cn: (layers, B, hidden)
+        y, new_states = self._runner.run(x, states)  # y: [B, T, O]; new_states: [B, state size]
         inference_s = time.perf_counter() - started
-        _check_split(y, hn, cn, x.shape[:2], states.shape[1:])
-        # One copy for the batch, rows as views of it: the session store keeps its own copy of a state.
-        new_states = np.empty((len(batch), 2, *hn[:, 0].shape), np.float32)  # (B, 2, layers, hidden)
-        new_states[:, 0], new_states[:, 1] = hn.swapaxes(0, 1), cn.swapaxes(0, 1)
+        _check_split(y, new_states, x.shape[:2], states.shape)
+        # Rows as views of the batch's arrays: the session store keeps its own copy of a state.
         return [(y[i], new_states[i]) for i in range(len(batch))], inference_s
 
 
@@ -237,10 +235,10 @@ class _BatchCost:
 
 
 def _check_split(
-    y: np.ndarray, hn: np.ndarray, cn: np.ndarray, batch_time: tuple[int, ...], state_shape: tuple[int, ...]
+    y: np.ndarray, new_states: np.ndarray, batch_time: tuple[int, ...], states_shape: tuple[int, ...]
 ) -> None:
-    if y.ndim != 3 or y.shape[:2] != batch_time or hn.shape != state_shape or cn.shape != state_shape:
+    if y.ndim != 3 or y.shape[:2] != batch_time or new_states.shape != states_shape:
         raise BatchShapeError(
-            f"the runner returned y {list(y.shape)}, hn {list(hn.shape)}, cn {list(cn.shape)} for a batch of "
-            f"[batch, time] {list(batch_time)} with state {list(state_shape)}"
+            f"the runner returned y {list(y.shape)} and states {list(new_states.shape)} for a batch of "
+            f"[batch, time] {list(batch_time)} with states {list(states_shape)}"
         )

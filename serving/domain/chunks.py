@@ -64,9 +64,9 @@ class ServedModel:
     replay_max_bytes: int = 65536
 
     @property
-    def state_shape(self) -> tuple[int, int, int]:
-        """A session's state: (2, layers, hidden) float32, [0] h and [1] c."""
-        return (2, self.spec.layers, self.spec.hidden)
+    def state_shape(self) -> tuple[int]:
+        """A session's state: one float32 row holding every state tensor (`modelcard.layout`)."""
+        return (self.spec.state_size,)
 
 
 def session_key(namespace: str, session_id: str) -> str:

@@ -77,7 +77,7 @@ class Engine:
         self._sessions = sessions
         self._batcher = batcher
         self._metrics = metrics
-        self._snapshots = SnapshotCodec(model.spec.fingerprint, model.state_shape)
+        self._snapshots = SnapshotCodec(model.spec.fingerprint, model.spec.state_size)
         self._admission = Admission()
         self._notices = EndNotices()
         self._closed = False

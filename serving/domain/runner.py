@@ -1,9 +1,10 @@
 """The seam between the domain and a model runtime: the `StepRunner` protocol.
 
 A runner serves one model (`spec`) and runs one batch of independent sequences from their states:
-    x   int64 [B, T] (tokens) | float32 [B, T, features]
-    h, c  float32 [layers, B, hidden]
- -> y   float32 [B, T, outputs];  hn, cn  float32 [layers, B, hidden]
+    x       int64 [B, T] (tokens) | float32 [B, T, features]
+    states  float32 [B, spec.state_size]: each session's state row (`modelcard.layout`)
+ -> y       float32 [B, T, outputs];  new states  float32 [B, spec.state_size]
+What the state tensors are (an LSTM's h and c, a GRU's h, any model's own) is the runner's business alone.
 The server's runner is ONNX Runtime's (`serving.server.onnx_runner`); tests use a fake one.
 """
 
@@ -15,17 +16,17 @@ import numpy as np
 
 from modelcard import ModelSpec
 
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+Arrays = tuple[np.ndarray, np.ndarray]  # y, new states
 
 
 class StepRunner(Protocol):
-    """Runs batches of the model `spec` describes: `(x, h, c) -> (y, hn, cn)`, shapes as in this module."""
+    """Runs batches of the model `spec` describes: `(x, states) -> (y, new states)`, shaped as above."""
 
     @property
     def spec(self) -> ModelSpec:
         """The model this runner runs."""
         ...
 
-    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> Arrays:
+    def run(self, x: np.ndarray, states: np.ndarray) -> Arrays:
         """Outputs of every timestep and the state after the last one, for each row of the batch."""
         ...

@@ -1,4 +1,5 @@
-"""The ONNX Runtime `StepRunner`: loads an artifact directory, checks it against its card, runs batches."""
+"""The ONNX Runtime `StepRunner`: loads an artifact directory, checks it against its card (fingerprint,
+signature, and that it streams), runs batches."""
 
 from __future__ import annotations
 
@@ -10,20 +11,18 @@ from typing import Any, Self
 import numpy as np
 import onnxruntime as ort
 
-from modelcard import CARD_FILE, INPUT_NAMES, ONNX_FILE, OUTPUT_NAMES, ModelSpec, spec_from_card
+from modelcard import CARD_FILE, ONNX_FILE, ModelSpec, spec_from_card
+from modelcard.graph import Graph, GraphMismatchError, NotStreamableError, check_signature, check_streamable
 from serving.domain.errors import ModelLoadError
 from serving.domain.runner import Arrays
-
-_X, _H, _C = INPUT_NAMES
 
 
 class OnnxStepRunner:
     """Owns one `onnxruntime.InferenceSession`, validated and warmed up before it serves."""
 
     def __init__(self, session: ort.InferenceSession, spec: ModelSpec) -> None:
-        self._session = session
+        self._graph = Graph(session, spec)
         self.spec = spec
-        self._outputs = list(OUTPUT_NAMES)
 
     @classmethod
     def load(cls, model_dir: Path, *, intra_op_threads: int = 1) -> Self:
@@ -43,29 +42,34 @@ class OnnxStepRunner:
                 f"{CARD_FILE} fingerprint does not match {ONNX_FILE} in {model_dir}: run conveyor export"
             )
         runner = cls(_open_session(onnx_bytes, model_dir, intra_op_threads), spec)
-        _check_signature(runner._session, spec)
-        runner._warm_up()
+        runner._check(model_dir)
         return runner
 
-    def run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> Arrays:
-        """One ORT call for the whole batch; ORT reads contiguous numpy inputs in place, without a copy."""
-        y, hn, cn = self._session.run(self._outputs, {_X: x, _H: h, _C: c})
-        return y, hn, cn
+    def run(self, x: np.ndarray, states: np.ndarray) -> Arrays:
+        """One ORT call for the whole batch, the state rows unpacked into the graph's state tensors and the
+        new ones packed back (one copy each way)."""
+        layout = self.spec.layout
+        y, *new_states = self._graph.run(x, layout.unpack(states))
+        return y, layout.pack(new_states, len(x))
 
-    def _warm_up(self) -> None:
-        # The first run allocates ORT's buffers and plans its kernels; do it before health says SERVING.
-        spec = self.spec
-        x_shape = (1, 1) if spec.input_kind == "tokens" else (1, 1, spec.input_size)
-        state = np.zeros((spec.layers, 1, spec.hidden), np.float32)
+    def _check(self, model_dir: Path) -> None:
+        """The graph is as its card says and can be streamed: chunked runs from random states equal whole
+        runs. Its runs also warm it up (ORT allocates its buffers and plans its kernels on the first run)."""
         try:
-            y, hn, _ = self.run(np.zeros(x_shape, spec.input_dtype), state, state)
-        except Exception as exc:
-            raise ModelLoadError(f"corrupt model: the warm-up run failed: {exc}") from exc
-        if y.shape != (1, 1, spec.output_size) or hn.shape != state.shape:
-            raise ModelLoadError(
-                f"corrupt model: a one-step run gave y {list(y.shape)} and hn {list(hn.shape)}, "
-                f"expected {[1, 1, spec.output_size]} and {list(state.shape)}"
-            )
+            check_signature(self._graph.session, self.spec)
+            check_streamable(self._graph, np.random.default_rng(0))
+            self.run(np.zeros((1, 1, *_feature_dims(self.spec)), self.spec.input_dtype), self._zeros())
+        except (GraphMismatchError, NotStreamableError) as exc:
+            raise ModelLoadError(f"{ONNX_FILE} in {model_dir} cannot be served: {exc}") from exc
+        except Exception as exc:  # ORT's own errors, or a state the graph returns in another shape
+            raise ModelLoadError(f"corrupt model: a run of {ONNX_FILE} in {model_dir} failed: {exc}") from exc
+
+    def _zeros(self) -> np.ndarray:
+        return np.zeros((1, self.spec.state_size), np.float32)
+
+
+def _feature_dims(spec: ModelSpec) -> tuple[int, ...]:
+    return () if spec.input_kind == "tokens" else (spec.input_size,)
 
 
 def _read_artifact(model_dir: Path) -> tuple[bytes, dict[str, Any]]:
@@ -98,42 +102,3 @@ def _open_session(onnx_bytes: bytes, model_dir: Path, intra_op_threads: int) -> 
         return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for a broken graph
         raise ModelLoadError(f"corrupt model: {model_dir / ONNX_FILE} does not load: {exc}") from exc
-
-
-def _check_signature(session: ort.InferenceSession, spec: ModelSpec) -> None:
-    x_type, x_dims = (
-        ("tensor(int64)", (None, None))
-        if spec.input_kind == "tokens"
-        else ("tensor(float)", (None, None, spec.input_size))
-    )
-    state = ("tensor(float)", (spec.layers, None, spec.hidden))
-    (x, *state_inputs), (y, *state_outputs) = INPUT_NAMES, OUTPUT_NAMES
-    expected: dict[str, tuple[str, tuple[int | None, ...]]] = {
-        x: (x_type, x_dims),
-        y: ("tensor(float)", (None, None, spec.output_size)),
-    }
-    expected |= {name: state for name in (*state_inputs, *state_outputs)}
-    _check_names("inputs", [arg.name for arg in session.get_inputs()], INPUT_NAMES)
-    _check_names("outputs", [arg.name for arg in session.get_outputs()], OUTPUT_NAMES)
-    for arg in [*session.get_inputs(), *session.get_outputs()]:
-        _check_arg(arg.name, arg.type, arg.shape, *expected[arg.name])
-
-
-def _check_names(kind: str, names: list[str], expected: tuple[str, ...]) -> None:
-    if tuple(names) != expected:
-        raise ModelLoadError(f"corrupt model: the graph's {kind} are {names}, expected {list(expected)}")
-
-
-def _check_arg(
-    name: str, type_: str, shape: list[Any], want_type: str, want_dims: tuple[int | None, ...]
-) -> None:
-    # Symbolic (str) or unknown dims are accepted: the batch and time axes are dynamic by design.
-    fixed_ok = all(
-        want is None or not isinstance(dim, int) or dim == want
-        for dim, want in zip(shape, want_dims, strict=False)
-    )
-    if type_ != want_type or len(shape) != len(want_dims) or not fixed_ok:
-        wanted = ["*" if dim is None else dim for dim in want_dims]
-        raise ModelLoadError(
-            f"corrupt model: {name!r} is {type_} {shape}, but model.json describes {want_type} {wanted}"
-        )

@@ -1,7 +1,9 @@
 """The snapshot codec: a session's state and step count as an opaque, self-checking blob, and back.
 
-Blob: a header (magic, format version, sha256 of the model, layers, hidden, steps), the state's float32 bytes
-(little-endian, C order), then a CRC32 of all before. A blob restores only on a server of the same model.
+Blob (format 2): a header (magic, format version, sha256 of the model, floats of state, steps), the state
+row's float32 bytes (little-endian), then a CRC32 of all before. A blob restores only on a server of the same
+model. Format 1 blobs (an LSTM's (2, layers, hidden) state: the same floats in the same order as its state
+row) still restore.
 """
 
 from __future__ import annotations
@@ -14,18 +16,19 @@ import numpy as np
 from serving.domain.errors import InvalidSnapshotError, SnapshotModelMismatchError
 
 _MAGIC = b"CVYSNAP"
-_VERSION = 1
-_HEADER = struct.Struct("<7sB32sIIQ")  # magic, version, sha256 of model.onnx, layers, hidden, steps
+_VERSION = 2
+_HEADER = struct.Struct("<7sB32sQQ")  # magic, version, sha256 of model.onnx, floats of state, steps
+_HEADER_V1 = struct.Struct("<7sB32sIIQ")  # magic, version, sha256 of model.onnx, layers, hidden, steps
 _CRC = struct.Struct("<I")
 
 
 class SnapshotCodec:
-    """Snapshots of states of shape (2, layers, hidden) for the model with sha256 `fingerprint` (hex)."""
+    """Snapshots of state rows of `state_size` floats for the model with sha256 `fingerprint` (hex)."""
 
-    def __init__(self, fingerprint: str, state_shape: tuple[int, int, int]) -> None:
+    def __init__(self, fingerprint: str, state_size: int) -> None:
         self._fingerprint = bytes.fromhex(fingerprint)
-        self._shape = state_shape
-        self._zeros = np.zeros(state_shape, np.float32)  # shared by every fresh start
+        self._size = state_size
+        self._zeros = np.zeros(state_size, np.float32)  # shared by every fresh start
         self._zeros.flags.writeable = False
 
     def initial(self, blob: bytes) -> tuple[np.ndarray, int]:
@@ -34,29 +37,31 @@ class SnapshotCodec:
 
     def encode(self, state: np.ndarray, steps: int) -> bytes:
         """The blob of a session at `steps` with `state`."""
-        layers, hidden = self._shape[1:]
-        body = _HEADER.pack(_MAGIC, _VERSION, self._fingerprint, layers, hidden, steps)
+        body = _HEADER.pack(_MAGIC, _VERSION, self._fingerprint, self._size, steps)
         body += state.astype("<f4", copy=False).tobytes()
         return body + _CRC.pack(zlib.crc32(body))
 
     def decode(self, blob: bytes) -> tuple[np.ndarray, int]:
         """The state and step count in `blob`; `InvalidSnapshotError` or `SnapshotModelMismatchError`."""
-        if len(blob) < _HEADER.size or blob[: len(_MAGIC)] != _MAGIC:
+        if len(blob) < _HEADER_V1.size or blob[: len(_MAGIC)] != _MAGIC:
             raise InvalidSnapshotError("the snapshot is not a Conveyor snapshot")
-        _, version, fingerprint, layers, hidden, steps = _HEADER.unpack_from(blob)
-        if version != _VERSION:
-            raise InvalidSnapshotError(f"snapshot format version {version} is not supported (expected 1)")
-        size = _HEADER.size + 2 * layers * hidden * 4 + _CRC.size
+        version = blob[len(_MAGIC)]
+        if version == _VERSION:
+            _, _, fingerprint, floats, steps = _HEADER.unpack_from(blob)
+            header = _HEADER.size
+        elif version == 1:
+            _, _, fingerprint, layers, hidden, steps = _HEADER_V1.unpack_from(blob)
+            floats, header = 2 * layers * hidden, _HEADER_V1.size
+        else:
+            raise InvalidSnapshotError(f"snapshot format version {version} is not supported (1 or 2)")
+        size = header + floats * 4 + _CRC.size
         if len(blob) != size or _CRC.unpack_from(blob, size - _CRC.size)[0] != zlib.crc32(blob[: -_CRC.size]):
             raise InvalidSnapshotError("the snapshot is truncated or corrupt (checksum mismatch)")
         if fingerprint != self._fingerprint:
             raise SnapshotModelMismatchError(fingerprint.hex(), self._fingerprint.hex())
-        if (2, layers, hidden) != self._shape:
-            raise InvalidSnapshotError(
-                f"the snapshot holds state for {layers} layers x {hidden}, "
-                f"not {self._shape[1]} x {self._shape[2]}"
-            )
-        state = np.frombuffer(blob, "<f4", 2 * layers * hidden, _HEADER.size).reshape(self._shape)
+        if floats != self._size:
+            raise InvalidSnapshotError(f"the snapshot holds {floats} floats of state, not {self._size}")
+        state = np.frombuffer(blob, "<f4", floats, header)
         if not np.isfinite(state).all():
             raise InvalidSnapshotError("the snapshot's state is not finite")
         return state.astype(np.float32), steps
