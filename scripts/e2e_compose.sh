@@ -10,7 +10,10 @@
 #      `conveyor stream` predicting "french", Prometheus's API returning conveyor_chunk_latency_seconds_count;
 #   6. the profile "scale": two replicas on Redis behind nginx (127.0.0.1:50052); the story's first sentence
 #      goes to one replica, that replica is killed (SIGKILL), and the rest of the story, through nginx to the
-#      survivor, still predicts "french".
+#      survivor, still predicts "french";
+#   7. TLS (docker-compose.tls.yml): certificates from scripts/make_tls_certs.sh, the server recreated with them
+#      and healthy by the file's TLS health check, the story streamed with `conveyor stream --ca` predicting
+#      "french", a plaintext client refused.
 # CONVEYOR_E2E_ARTIFACT=DIR (e.g. artifacts/language after `make demo`) seeds the volume with that exported
 # model, so the trainer takes its skip path instead of training (minutes); by default it trains.
 # Every stack it starts is taken down with `down -v` on exit, whatever happened. dockerd, when this script had to
@@ -28,6 +31,7 @@ health_timeout_s="${CONVEYOR_E2E_HEALTH_TIMEOUT_S:-1200}" # includes training th
 # The filler between the two halves uses only the task's filler words (training/tasks/words.py).
 story="i grew up in france . we lived near the river with my family and my father worked for a big company every summer i speak fluent"
 files=(-f docker-compose.yml -f docker-compose.offline.yml)
+tls_files=(-f docker-compose.tls.yml) # step 7 only; named in every `down`, which then removes its volume too
 compose=()
 scratch=""
 
@@ -77,7 +81,8 @@ cleanup() {
     set +e
     if ((${#compose[@]})); then
         for name in "$fail_project" "$project"; do
-            "${compose[@]}" -p "$name" "${files[@]}" --profile scale down -v --remove-orphans >/dev/null 2>&1
+            "${compose[@]}" -p "$name" "${files[@]}" "${tls_files[@]}" --profile scale down -v --remove-orphans \
+                >/dev/null 2>&1
         done
     fi
     [[ -n "$scratch" ]] && rm -rf "$scratch"
@@ -227,6 +232,25 @@ check_scale_failover() {
     echo "ok: 'french' predicted after 'i speak fluent', with $owner dead"
 }
 
+check_tls() {
+    log "TLS: the server recreated with docker-compose.tls.yml and the certificates of scripts/make_tls_certs.sh"
+    local tls="$scratch/tls" output
+    scripts/make_tls_certs.sh "$tls" >/dev/null
+    CONVEYOR_TLS_DIR="$tls" "${compose[@]}" -p "$project" "${files[@]}" "${tls_files[@]}" up -d server ||
+        die "compose up with docker-compose.tls.yml failed" \
+            "$("${compose[@]}" -p "$project" "${files[@]}" "${tls_files[@]}" logs --tail=30 tls-init server 2>&1)"
+    wait_healthy # by the TLS file's health check, over TLS
+    output=$(printf '%s' "$story" | "$conveyor" stream --target 127.0.0.1:50051 --ca "$tls/ca.pem" --top 3 - \
+        2>"$scratch/tls.err") || die "conveyor stream --ca failed" "$output" "$(cat "$scratch/tls.err")"
+    printf '%s\n' "$output"
+    predicts_french "$output" || die "'french' is not predicted over TLS"
+    echo "ok: 'french' predicted after 'i speak fluent', over TLS"
+    if output=$(printf '%s' "$story" | "$conveyor" stream --target 127.0.0.1:50051 --top 1 - 2>&1); then
+        die "a plaintext client was let in by the TLS server" "$output"
+    fi
+    echo "ok: a plaintext client is refused: ${output##*error: }"
+}
+
 prometheus_value() { # PromQL -> first sample's value, or nothing
     curl -fsS --max-time 5 --get --data-urlencode "query=$1" http://127.0.0.1:9090/api/v1/query 2>/dev/null |
         python3 -c 'import json, sys; r = json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")' \
@@ -280,3 +304,4 @@ check_trainer_ran_once
 check_stream
 check_prometheus
 check_scale_failover
+check_tls
