@@ -4,7 +4,6 @@ user's own, before its fingerprint and parity exist."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 
 import onnx
 import onnxruntime
@@ -12,7 +11,7 @@ import torch
 
 from export.errors import ExportError
 from modelcard import input_dtype
-from modelcard.card import InputSpec, ModelCard, OutputSpec, recurrent_states
+from modelcard.card import InputSpec, ModelCard, OutputSpec, recurrent_states, timestamp
 from training.checkpoint import Checkpoint
 from training.model import STATE_NAMES
 
@@ -39,7 +38,7 @@ def describe(checkpoint: Checkpoint, name: str) -> ModelCard:
         hidden=config.hidden_size,
         opset=OPSET,
         training=dict(checkpoint.metrics),
-        exported_at=now(),
+        exported_at=timestamp(),
         exporter=exporter_versions(),
     )
 
@@ -47,11 +46,6 @@ def describe(checkpoint: Checkpoint, name: str) -> ModelCard:
 def input_spec(kind: str, size: int, name: str = "x") -> InputSpec:
     """The card's input entry for `kind` ("tokens" | "features") and `size`."""
     return InputSpec(kind, size, input_dtype(kind).name, name)
-
-
-def now() -> str:
-    """The export time, as the card writes it."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def exporter_versions() -> dict[str, str]:

@@ -7,7 +7,6 @@ state tensors -> a verified `model.onnx` and its card, which `conveyor serve` se
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -16,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.card import OPSET, exporter_versions, input_spec, now
+from export.card import OPSET, exporter_versions, input_spec
 from export.errors import ExportError
 from export.onnx_export import to_onnx
 from export.verify import TOLERANCE, verify_parity
 from modelcard import CARD_FILE, ONNX_FILE, spec_from_card
-from modelcard.card import ModelCard, OutputSpec, StateTensor
+from modelcard.card import ModelCard, OutputSpec, StateTensor, timestamp, write_artifact
 
 # The traced example's sizes. Neither is 1, so the tracer cannot mistake a broadcastable 1 for a fixed size;
 # verification then runs other batch sizes and lengths to prove both axes really are dynamic.
@@ -94,11 +93,10 @@ def _export(
     spec = spec_from_card(replace(card, onnx_sha256=fingerprint).to_dict())
     parity = verify_parity(module, onnx_bytes, spec, samples, tolerance, seed)
     card = replace(card, onnx_sha256=fingerprint, parity=parity)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # The card goes first and comes back last: a crash in between never pairs a new graph with an old card.
-    (out_dir / CARD_FILE).unlink(missing_ok=True)
-    _write_atomically(out_dir / ONNX_FILE, onnx_bytes)
-    _write_atomically(out_dir / CARD_FILE, card.to_json().encode())
+    try:
+        write_artifact(out_dir, onnx_bytes, card)
+    except OSError as exc:
+        raise ExportError(f"cannot write to {out_dir}: {exc}") from exc
     return card
 
 
@@ -155,7 +153,7 @@ def _describe(
         layers=None,
         hidden=None,
         opset=OPSET,
-        exported_at=now(),
+        exported_at=timestamp(),
         exporter=exporter_versions(),
     )
 
@@ -193,17 +191,3 @@ def _states(
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
     return tuple(tensors)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    # Temp file in the same directory, then rename: readers see the old file or the whole new one, never half.
-    temp = path.with_name(f".{path.name}.tmp")
-    try:
-        with temp.open("wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        temp.replace(path)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise ExportError(f"cannot write {path.name}: {exc}") from exc

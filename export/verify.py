@@ -72,10 +72,16 @@ def verify_parity(
     chunked: list[ParityCase] = []
     for label, x in _inputs(spec, samples, rng).items():
         states = random_states(spec, x.shape[0], rng)
-        versus_torch.append(
-            compare(f"{label}: ort vs torch", graph.run(x, states), _run_torch(module, x, states))
-        )
-        chunked.extend(chunking_cases(graph, x, label, rng))
+        reference = _run_torch(module, x, states)
+        try:
+            versus_torch.append(compare(f"{label}: ort vs torch", graph.run(x, states), reference))
+            chunked.extend(chunking_cases(graph, x, label, rng))
+        except Exception as exc:  # ORT's own errors: the graph does not run at this batch size or length
+            raise ExportError(
+                f"the exported graph does not run on {label} (x {list(x.shape)}): {exc}. A Python loop over "
+                "time is traced at the example's length, freezing the time axis: use PyTorch's recurrent "
+                "modules (nn.LSTM, nn.GRU, nn.RNN), which export with a dynamic time axis"
+            ) from exc
     misses = failing(versus_torch, tolerance)
     if misses:
         raise ExportError(f"parity check failed (tolerance {tolerance:g}): {misses}")

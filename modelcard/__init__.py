@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from modelcard.card import StateTensor, states_of_card
+from modelcard.card import CARD_FILE, ONNX_FILE, StateTensor, states_of_card
 from modelcard.layout import StateLayout
 
-ONNX_FILE = "model.onnx"
-CARD_FILE = "model.json"
+__all__ = ["CARD_FILE", "ONNX_FILE", "ModelSpec", "StateTensor", "input_dtype", "spec_from_card"]
 INPUT_KINDS = ("tokens", "features")
 
 

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+ONNX_FILE = "model.onnx"
+CARD_FILE = "model.json"
 FORMAT_VERSION = 2
 BATCH = "batch"  # how a card's state shape marks the batch axis
 STATE_DTYPE = "float32"
@@ -154,7 +159,7 @@ class ModelCard:
     vocabulary: tuple[str, ...] | None  # token models: id -> word; None for feature models
     layers: int | None  # None when the model is no stack of recurrent layers the card can describe
     hidden: int | None
-    opset: int
+    opset: int | None  # None when the graph was exported elsewhere
     onnx_sha256: str | None = None  # set once model.onnx exists
     parity: ParityReport | None = None  # set once verification passed
     training: dict[str, Any] = field(default_factory=dict)
@@ -194,3 +199,32 @@ def _size(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"a state size must be an integer or {BATCH!r}, got {value!r}")
     return value
+
+
+def timestamp() -> str:
+    """Now, as a card writes its export time."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_artifact(out_dir: Path, onnx_bytes: bytes, card: ModelCard) -> None:
+    """Write the graph and its card into `out_dir`; `OSError` when it cannot.
+
+    The card goes first and comes back last: a crash in between never pairs a new graph with an old card."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CARD_FILE).unlink(missing_ok=True)
+    _write_atomically(out_dir / ONNX_FILE, onnx_bytes)
+    _write_atomically(out_dir / CARD_FILE, card.to_json().encode())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    # Temp file in the same directory, then rename: readers see the old file or the whole new one, never half.
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        with temp.open("wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        temp.replace(path)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise

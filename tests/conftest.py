@@ -61,10 +61,10 @@ def random_checkpoint() -> CheckpointFactory:
     return save_random_checkpoint
 
 
-def _exported(directory: Path, task: str, layers: int, hidden: int) -> Path:
+def _exported(directory: Path, task: str, layers: int, hidden: int, cell: CellKind = "lstm") -> Path:
     from export import export_artifact
 
-    export_artifact(save_random_checkpoint(directory, task, layers=layers, hidden=hidden))
+    export_artifact(save_random_checkpoint(directory, task, cell=cell, layers=layers, hidden=hidden))
     return directory
 
 
@@ -78,6 +78,18 @@ def token_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def feature_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Exported artifact `sensor`: float32 features in (the sensor task's channels), 2 layers, hidden 16."""
     return _exported(tmp_path_factory.mktemp("artifacts") / "sensor", "sensor", layers=2, hidden=16)
+
+
+@pytest.fixture(scope="session")
+def gru_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Exported GRU `sensor`: features in, 2 layers, hidden 16; its state is h alone."""
+    return _exported(tmp_path_factory.mktemp("artifacts") / "sensor-gru", "sensor", 2, 16, cell="gru")
+
+
+@pytest.fixture(scope="session")
+def rnn_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Exported plain RNN `language`: tokens in, 1 layer, hidden 24; its state is h alone."""
+    return _exported(tmp_path_factory.mktemp("artifacts") / "language-rnn", "language", 1, 24, cell="rnn")
 
 
 # A real server per test module on a free port, for tests that talk to it through a target string.

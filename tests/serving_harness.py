@@ -20,6 +20,8 @@ import onnxruntime as ort
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from modelcard import spec_from_card
+from modelcard.graph import Graph
 from serving.client.scrape import scrape as scrape_url
 from serving.domain.runner import StepRunner
 from serving.server.app import RunningServer, build_server
@@ -79,9 +81,8 @@ def make_inputs(artifact: Path, steps: int, rng: np.random.Generator) -> np.ndar
 
 def offline(artifact: Path, x: np.ndarray) -> np.ndarray:
     """Outputs [time, outputs] of the whole sequence in one ONNX Runtime run from zero state."""
-    spec = card(artifact)
-    state = np.zeros((spec["layers"], 1, spec["hidden"]), np.float32)
-    y, _, _ = _reference(artifact).run(None, {"x": x[None], "h0": state, "c0": state})
+    spec = spec_from_card(card(artifact))
+    y, *_ = Graph(_reference(artifact), spec).run(x[None], spec.layout.zeros(1))
     return np.asarray(y[0])
 
 

@@ -89,7 +89,11 @@ def _violations(modules: Iterable[tuple[str, Path]]) -> Iterator[str]:
                 target = _part(imported, ALLOWED) or top
                 if target not in ALLOWED[part]:
                     yield f"{where}:{line}: {part} must not import {imported}"
-                elif imported in MODELCARD_RUNTIME and "onnxruntime" in FORBIDDEN_LIBRARIES.get(part, ()):
+                elif (
+                    imported in MODELCARD_RUNTIME
+                    and module not in MODELCARD_RUNTIME
+                    and "onnxruntime" in FORBIDDEN_LIBRARIES.get(part, ())
+                ):
                     yield f"{where}:{line}: {part} must not import {imported}, which loads onnxruntime"
                 elif target in LAZY_ONLY.get(part, set()) and not lazy:
                     yield f"{where}:{line}: {part} may import {imported} only inside a function"

@@ -52,9 +52,10 @@ pytestmark = pytest.mark.timeout(60)
 Served = tuple[Path, RunningServer]
 
 
-@pytest.fixture(scope="module", params=["token_artifact", "feature_artifact"])
+@pytest.fixture(scope="module", params=["token_artifact", "feature_artifact", "gru_artifact", "rnn_artifact"])
 def served(request: pytest.FixtureRequest) -> Iterator[Served]:
-    """One batching server per artifact, shared by this module's tests."""
+    """One batching server per artifact (LSTMs of tokens and of features, a GRU, a plain RNN), shared by this
+    module's tests."""
     artifact: Path = request.getfixturevalue(request.param)
     with running(artifact, max_batch_size=64) as server:
         yield artifact, server
@@ -160,6 +161,10 @@ def test_model_info_describes_the_card(served: Served) -> None:
         model["output"]["size"],
     )
     assert info.fingerprint == model["onnx_sha256"]
+    assert info.cell == model["cell"]
+    names = ["h", "c"] if model["cell"] == "lstm" else ["h"]
+    per_session = [model["layers"], model["hidden"]]
+    assert [(tensor.name, list(tensor.shape)) for tensor in info.state] == [(n, per_session) for n in names]
     assert list(info.vocabulary) == (model["vocabulary"] or [])
     assert info.max_chunk_steps == 1024 and info.idle_ttl_s == 600
 

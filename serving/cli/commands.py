@@ -58,6 +58,26 @@ def export(args: argparse.Namespace) -> None:
     )
 
 
+def card(args: argparse.Namespace) -> None:
+    from modelcard.adopt import AdoptError, Described, Naming, adopt
+
+    out_dir = args.out or args.onnx.with_suffix("")
+    naming = Naming(args.input, args.output, tuple(args.state))
+    labels = tuple(args.labels.split(",")) if args.labels else ()
+    described = Described(
+        args.name or out_dir.resolve().name, args.task, args.vocabulary_size, args.meaning, labels
+    )
+    with _user_errors(AdoptError):
+        written = adopt(args.onnx, out_dir, naming, described)
+    states = ", ".join(f"{s.name} {s.input}->{s.output} {s.card_shape}" for s in written.state)
+    chunked = written.parity.chunked_vs_whole_max_abs if written.parity else float("nan")
+    print(
+        f"wrote {out_dir}/model.json for {args.onnx}: {written.input.name} {written.input.kind} "
+        f"[{written.input.size}] -> {written.output.name} [{written.output.size}], state {states}; "
+        f"chunked vs whole {chunked:.1e}. Serve it: conveyor serve --model {out_dir}"
+    )
+
+
 def experiment(args: argparse.Namespace) -> None:
     from training.experiment import SweepOptions, run_gap_sweep
 

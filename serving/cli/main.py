@@ -38,11 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conveyor",
-        description="Conveyor: train an LSTM, export it to ONNX with explicit (h, c), serve it statefully.",
+        description="Conveyor: train a recurrent model, export it to ONNX with explicit state, serve it.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_export(sub)
+    _add_card(sub)
     _add_experiment(sub)
     _add_serve(sub)
     _add_stream(sub)
@@ -79,9 +80,34 @@ def _positive(text: str) -> int:
 
 def _add_export(sub: Subparsers) -> None:
     p = _command(
-        sub, "export", "Export a trained artifact to ONNX with explicit (h, c), verified.", commands.export
+        sub, "export", "Export a trained artifact to ONNX with its state explicit, verified.", commands.export
     )
     p.add_argument("artifact", type=Path, help="artifact directory holding checkpoint.pt")
+
+
+def _add_card(sub: Subparsers) -> None:
+    help_text = "Write a model card for a recurrent ONNX file exported elsewhere, once it proves it streams."
+    p = _command(sub, "card", help_text, commands.card)
+    p.add_argument("onnx", type=Path, help="the ONNX file, its state as explicit inputs and outputs")
+    p.add_argument(
+        "--out", type=Path, help="artifact directory to write (default: the file's path, no .onnx)"
+    )
+    pair_help = "a state input and the output it pairs with, e.g. h0:hn (repeat; default: paired by name)"
+    p.add_argument("--state", action="append", type=_pair, default=[], metavar="IN:OUT", help=pair_help)
+    p.add_argument("--input", help="the input sequence's name (default: the one input that is not state)")
+    p.add_argument("--output", help="the output sequence's name (default: the one output that is not state)")
+    p.add_argument("--vocabulary-size", type=_positive, help="token models (int64 input): ids are below it")
+    p.add_argument("--labels", help="comma-separated names of the outputs")
+    p.add_argument("--meaning", default="model outputs", help="what the outputs are, for people")
+    p.add_argument("--name", help="model name (default: the artifact directory's name)")
+    p.add_argument("--task", default="custom", help="what the model is for, one word")
+
+
+def _pair(text: str) -> tuple[str, str]:
+    state_input, _, state_output = text.partition(":")
+    if not state_input or not state_output:
+        raise argparse.ArgumentTypeError(f"expected IN:OUT, e.g. h0:hn, got {text!r}")
+    return state_input, state_output
 
 
 def _add_experiment(sub: Subparsers) -> None:

@@ -187,6 +187,8 @@ class ModelInfo:
     hidden: int
     max_chunk_steps: int
     idle_ttl_s: float
+    cell: str
+    state: tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape per session) of each state tensor
 
     @classmethod
     def from_proto(cls, message: pb.ModelInfo) -> ModelInfo:
@@ -194,6 +196,7 @@ class ModelInfo:
         values = {field.name: getattr(message, field.name) for field in fields(cls)}
         for name in ("output_labels", "vocabulary"):
             values[name] = tuple(values[name])
+        values["state"] = tuple((tensor.name, tuple(tensor.shape)) for tensor in message.state)
         return cls(**values)
 
     @property

@@ -130,6 +130,8 @@ def model_info_to_pb(model: ServedModel) -> pb.ModelInfo:
         hidden=spec.hidden,
         max_chunk_steps=model.max_chunk_steps,
         idle_ttl_s=model.idle_ttl_s,
+        cell=spec.cell,
+        state=[pb.StateTensorInfo(name=tensor.name, shape=tensor.row_shape) for tensor in spec.states],
     )
 
 

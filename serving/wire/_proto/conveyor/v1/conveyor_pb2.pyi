@@ -470,6 +470,8 @@ class ModelInfo(_message.Message):
     HIDDEN_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_STEPS_FIELD_NUMBER: _builtins.int
     IDLE_TTL_S_FIELD_NUMBER: _builtins.int
+    CELL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Model name (its artifact directory name), e.g. "language"."""
     task: _builtins.str
@@ -492,6 +494,10 @@ class ModelInfo(_message.Message):
     """Largest accepted chunk, in timesteps."""
     idle_ttl_s: _builtins.float
     """Idle time after which a session expires, in seconds."""
+    cell: _builtins.str
+    """Recurrent cell: "lstm", "gru" or "rnn" for Conveyor's own models; the module's class name for one exported
+    with export_module; "custom" for a graph given a card by `conveyor card`.
+    """
     @_builtins.property
     def output_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Label of each output index (the vocabulary for a language model, class names for a classifier)."""
@@ -499,6 +505,12 @@ class ModelInfo(_message.Message):
     @_builtins.property
     def vocabulary(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Token models: index -> word. Empty for feature models."""
+
+    @_builtins.property
+    def state(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateTensorInfo]:
+        """The state each session carries between chunks, one entry per state tensor (an LSTM: h and c; a GRU or RNN:
+        h). layers and hidden are 0 when the model is no stack of recurrent layers the card can describe.
+        """
 
     def __init__(
         self,
@@ -516,11 +528,41 @@ class ModelInfo(_message.Message):
         hidden: _builtins.int = ...,
         max_chunk_steps: _builtins.int = ...,
         idle_ttl_s: _builtins.float = ...,
+        cell: _builtins.str = ...,
+        state: _abc.Iterable[Global___StateTensorInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "hidden", b"hidden", "idle_ttl_s", b"idle_ttl_s", "input_kind", b"input_kind", "input_size", b"input_size", "layers", b"layers", "max_chunk_steps", b"max_chunk_steps", "name", b"name", "output_labels", b"output_labels", "output_meaning", b"output_meaning", "output_size", b"output_size", "task", b"task", "vocabulary", b"vocabulary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell", "fingerprint", b"fingerprint", "hidden", b"hidden", "idle_ttl_s", b"idle_ttl_s", "input_kind", b"input_kind", "input_size", b"input_size", "layers", b"layers", "max_chunk_steps", b"max_chunk_steps", "name", b"name", "output_labels", b"output_labels", "output_meaning", b"output_meaning", "output_size", b"output_size", "state", b"state", "task", b"task", "vocabulary", b"vocabulary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class StateTensorInfo(_message.Message):
+    """One recurrent state tensor of the served model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its name in the model card, e.g. "h" or "c"."""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Its shape for one session: the graph's shape without the batch axis, e.g. [layers, hidden]."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateTensorInfo: _TypeAlias = StateTensorInfo  # noqa: Y015
