@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from modelcard import CARD_FILE
+from modelcard import CARD_FILE, spec_from_card
 from serving.bench.grid import BenchError, require_model
 from serving.bench.host import HostSpec, hosting
 from serving.bench.load import run_load
@@ -49,7 +49,7 @@ class MemoryResult:
     sessions: int
     layers: int
     hidden: int
-    raw_state_bytes: int  # 2 x layers x hidden x 4
+    raw_state_bytes: int  # the state row: 4 bytes a float (an LSTM: 2 x layers x hidden x 4)
     budget_bytes: float  # the target: 1.5 x raw + 512
     bytes_per_session_fresh: float  # with the last response held for retries
     bytes_per_session_idle: float  # past the replay window
@@ -82,14 +82,14 @@ def run_memory(options: MemoryOptions) -> MemoryResult:
     """Open `options.sessions` sessions in fresh server processes and measure their RSS per session."""
     require_model(options.model_dir)
     card = json.loads((options.model_dir / CARD_FILE).read_text())
-    layers, hidden = int(card["layers"]), int(card["hidden"])
+    spec = spec_from_card(card)
     fresh, open_s = _bytes_per_session(options, _FRESH_WINDOW_S)
     idle, _ = _bytes_per_session(options, _IDLE_WINDOW_S)
-    raw = 2 * layers * hidden * 4
+    raw = 4 * spec.state_size
     return MemoryResult(
         sessions=options.sessions,
-        layers=layers,
-        hidden=hidden,
+        layers=spec.layers,
+        hidden=spec.hidden,
         raw_state_bytes=raw,
         budget_bytes=1.5 * raw + 512,
         bytes_per_session_fresh=fresh,
