@@ -33,7 +33,7 @@ def export_module(
     module: nn.Module,
     example_input: torch.Tensor,
     example_state: Sequence[torch.Tensor],
-    out_dir: Path,
+    out_dir: Path | str,
     *,
     state_names: Sequence[str] | None = None,
     batch_axis: int = 1,
@@ -56,6 +56,7 @@ def export_module(
     chunked runs miss whole runs by more than `tolerance` (the model cannot be streamed).
     """
     _refuse_bidirectional(module)
+    out_dir = Path(out_dir)
     card = _describe(
         module, example_input, example_state, out_dir, state_names, batch_axis, vocabulary_size, name, task,
         output_meaning, tuple(output_labels),

@@ -154,14 +154,20 @@ def check_streamable(
     return cases
 
 
+_LISTED = 3  # misses named in a message; the rest are counted
+
+
 def failing(cases: list[ParityCase], tolerance: float) -> str:
-    """The cases whose scaled difference exceeds `tolerance`, listed; "" when none does."""
+    """The cases whose scaled difference exceeds `tolerance`, the first few listed and the rest counted; ""
+    when none does."""
     # `not <=` rather than `>`, so a NaN difference is a miss too.
-    return "; ".join(
+    misses = [case for case in cases if not case.max_scaled <= tolerance]
+    listed = "; ".join(
         f"{case.name}: max |a-b|/(1+|b|) {case.max_scaled:.3g} (abs {case.max_abs:.3g})"
-        for case in cases
-        if not case.max_scaled <= tolerance
+        for case in misses[:_LISTED]
     )
+    more = len(misses) - _LISTED
+    return f"{listed}; and {more} more of {len(cases)}" if more > 0 else listed
 
 
 def random_cuts(length: int, rng: np.random.Generator) -> list[int]:
