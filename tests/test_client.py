@@ -14,7 +14,8 @@ from serving_harness import card, offline
 from serving_harness import sequence as valid_inputs
 
 from serving.client import ClientOptions, ConveyorClient, ConveyorError, Outputs, RetryPolicy
-from serving.client.aio import AsyncConveyorClient, Via, _Stream
+from serving.client.aio import AsyncConveyorClient, Via
+from serving.client.calls import BidiCall
 from serving.wire import pb, pb_grpc
 from serving.wire.tensors import decode, encode
 
@@ -140,10 +141,10 @@ def test_async_retry_after_broken_stream(
     token_target: str, token_artifact: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sequence = tokens(12)
-    real_send = _Stream.send
+    real_send = BidiCall.send
     sends = 0
 
-    async def breaks_after_second_chunk(self: _Stream, request: pb.ChunkRequest, timeout_s: float) -> Any:
+    async def breaks_after_second_chunk(self: BidiCall[Any, Any], request: Any, timeout_s: float) -> Any:
         nonlocal sends
         sends += 1
         response = await real_send(self, request, timeout_s)
@@ -152,7 +153,7 @@ def test_async_retry_after_broken_stream(
             raise ConveyorError(grpc.StatusCode.UNAVAILABLE, "stream broken (simulated)")
         return response
 
-    monkeypatch.setattr(_Stream, "send", breaks_after_second_chunk)
+    monkeypatch.setattr(BidiCall, "send", breaks_after_second_chunk)
 
     async def main() -> np.ndarray:
         async with AsyncConveyorClient(token_target, FAST_RETRY) as client, client.session() as session:

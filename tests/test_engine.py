@@ -13,9 +13,14 @@ from fakes import FAKE_HIDDEN, FAKE_LAYERS, FAKE_SPEC, FAKE_VOCABULARY, FakeCloc
 from prometheus_client import CollectorRegistry
 
 from serving.domain.batcher import Batcher
-from serving.domain.chunks import Chunk, ServedModel
+from serving.domain.chunks import Chunk, ChunkResult, ServedModel
 from serving.domain.engine import Engine
-from serving.domain.errors import OffsetMismatchError, ShuttingDownError
+from serving.domain.errors import (
+    InvalidChunkError,
+    OffsetMismatchError,
+    SessionNotFoundError,
+    ShuttingDownError,
+)
 from serving.domain.sessions.lifecycle import SessionLimits, Sessions
 from serving.domain.sessions.memory import InMemorySessionStore
 from serving.domain.sessions.store import EndReason, SessionEnd
@@ -196,3 +201,53 @@ def test_the_sweeper_ends_expired_sessions_unprompted() -> None:
 
     notices = _run(scenario, clock=clock)
     assert [(n.session_id, n.reason) for n in notices] == [("forgotten", EndReason.TTL)]
+
+
+def test_frames_sharing_sessions_in_any_order_apply_in_arrival_order_and_run_as_one_batch() -> None:
+    """Frames and single chunks, concurrently, on overlapping sessions listed in different orders: no frame
+    waits on another in a circle, each session's chunks apply in arrival order, and a frame's runnable
+    chunks run as one batch."""
+    runner = FakeRunner()
+
+    async def scenario(h: Harness) -> dict[str, list[np.ndarray]]:
+        ids = ["a", "b", "c"]
+        got: dict[str, list[np.ndarray]] = {sid: [] for sid in ids}
+
+        def keep(outcomes: list[ChunkResult | Exception], order: list[str]) -> None:
+            for sid, outcome in zip(order, outcomes, strict=True):
+                assert isinstance(outcome, ChunkResult), outcome
+                got[sid].append(outcome.outputs)
+
+        keep(await h.engine.step_frame([Chunk(sid, X[:2], 0, start=True) for sid in ids]), ids)
+        assert runner.calls[-1] == (3, 2)  # one batch of three rows
+        backwards = ids[::-1]
+        second = h.engine.step_frame([Chunk(sid, X[2:5], 2) for sid in ids])
+        third = h.engine.step_frame([Chunk(sid, X[5:8], 5) for sid in backwards])
+        alone = h.engine.step(Chunk("b", X[8:10], 8))
+        frame_2, frame_3, single = await asyncio.gather(second, third, alone)
+        keep(frame_2, ids)
+        keep(frame_3, backwards)
+        got["b"].append(single.outputs)
+        last = [Chunk("a", X[8:10], 8), Chunk("b", X[10:12], 10), Chunk("c", X[8:10], 8)]
+        keep(await h.engine.step_frame(last), ids)
+        return got
+
+    for sid, parts in _run(scenario, runner).items():
+        steps = 12 if sid == "b" else 10
+        assert np.array_equal(np.concatenate(parts), _expected(X)[:steps]), sid
+
+
+def test_a_frames_bad_session_fails_alone_and_a_repeated_session_is_refused() -> None:
+    async def scenario(h: Harness) -> list[ChunkResult | Exception]:
+        await h.engine.step_frame([Chunk(sid, X[:2], 0, start=True) for sid in ("a", "b")])
+        return await h.engine.step_frame(
+            [Chunk("a", X[2:4], 2), Chunk("b", X[2:4], 7), Chunk("a", X[2:4], 2), Chunk("nobody", X[2:4], 2),
+             Chunk("c", X[2:5], 0, start=True)]
+        )  # fmt: skip
+
+    a, b, a_again, nobody, longer = _run(scenario)
+    assert isinstance(a, ChunkResult) and a.steps == 4
+    assert isinstance(b, OffsetMismatchError) and "resend from offset 2" in str(b)
+    assert isinstance(a_again, InvalidChunkError) and "appears more than once" in str(a_again)
+    assert isinstance(nobody, SessionNotFoundError) and "'nobody'" in str(nobody)
+    assert isinstance(longer, InvalidChunkError) and "3 steps, not the frame's 2" in str(longer)

@@ -1,4 +1,5 @@
-"""The asyncio Conveyor client: many sessions multiplexed over one bidirectional Stream, or per-call Step.
+"""The asyncio Conveyor client: many sessions multiplexed over one bidirectional Stream, packed into the
+columnar frames of the Frames RPC, or sent one unary Step each.
 
     async with AsyncConveyorClient("localhost:50051") as client:
         await client.wait_for_ready(timeout_s=10)
@@ -7,7 +8,9 @@
 
 Every request on the Stream gets exactly one answer, matched by request_id, so concurrent sessions share one
 call. When the Stream breaks, the requests waiting on it fail as UNAVAILABLE and are retried, with the same
-offset, on a fresh Stream; the server's replay cache makes that exactly-once (see serving.client).
+offset, on a fresh Stream; the server's replay cache makes that exactly-once (see serving.client). Sessions
+made with via="frames" (gateway code: many devices, one client) send their chunks through `FramePacker`: the
+chunks submitted in one loop pass go as one frame per chunk length, with no delay added.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 import itertools
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Self, TypeVar
 
 import grpc
@@ -24,6 +27,7 @@ import grpc.aio
 import numpy as np
 from grpc_health.v1 import health_pb2_grpc
 
+from serving.client.calls import FRAMES, STREAM, BidiCall
 from serving.client.core import (
     DEFAULT_OPTIONS,
     ClientOptions,
@@ -36,84 +40,11 @@ from serving.client.core import (
     retry_delay,
 )
 from serving.client.cursor import SessionCursor, SessionHandle, not_found_is_ended
+from serving.client.frames import FramePacker
 from serving.wire import pb, pb_grpc
 
 T = TypeVar("T")
-Via = Literal["stream", "step"]
-
-_CLOSE_GRACE_S = 1.0
-
-
-class _Stream:
-    """One open Stream call and the requests awaiting their answers on it; once broken, never reused."""
-
-    def __init__(
-        self, stub: Any, metadata: tuple[tuple[str, str], ...], on_ended: Callable[[pb.SessionEnded], None]
-    ) -> None:
-        self._outbox: asyncio.Queue[pb.ChunkRequest | None] = asyncio.Queue()
-        self._pending: dict[str, asyncio.Future[pb.ChunkResponse]] = {}
-        self._on_ended = on_ended
-        self._call = stub.Stream(self._requests(), metadata=metadata)
-        self._reader = asyncio.create_task(self._read())
-        self.broken: ConveyorError | None = None
-
-    async def send(self, request: pb.ChunkRequest, timeout_s: float) -> pb.ChunkResponse:
-        """Send one request and wait for its answer; an in-band error is raised as ConveyorError."""
-        if self.broken is not None:
-            raise self.broken
-        future = asyncio.get_running_loop().create_future()
-        self._pending[request.request_id] = future
-        self._outbox.put_nowait(request)
-        try:
-            return await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            raise ConveyorError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s}s") from None
-        finally:
-            self._pending.pop(request.request_id, None)
-
-    async def close(self) -> None:
-        """Half-close, let the server answer what it has, then stop reading."""
-        self._outbox.put_nowait(None)
-        _, unfinished = await asyncio.wait({self._reader}, timeout=_CLOSE_GRACE_S)
-        for task in unfinished:
-            task.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
-
-    async def _requests(self) -> AsyncIterator[pb.ChunkRequest]:
-        while (request := await self._outbox.get()) is not None:
-            yield request
-
-    async def _read(self) -> None:
-        failure = ConveyorError(grpc.StatusCode.UNAVAILABLE, "the server closed the stream")
-        try:
-            async for message in self._call:
-                self._dispatch(message)
-        except grpc.RpcError as exc:
-            # Whatever the status, the answers still owed are lost, not refused: resending them (same offsets)
-            # on a fresh Stream is safe, so the failure is reported as retryable.
-            failure = ConveyorError(
-                grpc.StatusCode.UNAVAILABLE, f"the stream broke: {exc.code().name}: {exc.details()}"
-            )
-        finally:
-            self.broken = failure
-            self._outbox.put_nowait(None)  # ends the request generator, which grpc would leave waiting
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(failure)
-
-    def _dispatch(self, message: pb.StreamResponse) -> None:
-        kind = message.WhichOneof("kind")
-        if kind == "session_ended":
-            self._on_ended(message.session_ended)
-            return
-        answer = message.chunk if kind == "chunk" else message.error
-        future = self._pending.get(answer.request_id)
-        if future is None or future.done():
-            return  # its sender gave up (deadline or cancellation)
-        if kind == "chunk":
-            future.set_result(message.chunk)
-        else:
-            future.set_exception(ConveyorError.from_chunk_error(message.error))
+Via = Literal["stream", "frames", "step"]
 
 
 class AsyncConveyorClient:
@@ -125,7 +56,9 @@ class AsyncConveyorClient:
         self._channel: grpc.aio.Channel = options.open_channel(grpc.aio, target)
         self._stub = pb_grpc.ConveyorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._stream: _Stream | None = None
+        self._stream: BidiCall[pb.ChunkRequest, pb.ChunkResponse] | None = None
+        self._frames: BidiCall[pb.Frame, pb.FrameResult] | None = None
+        self._packer = FramePacker(lambda frame: self._open_frames().send(frame, self.options.timeout_s))
         self._route_key = options.route_key or uuid.uuid4().hex  # one key: every stream goes the same way
         self._request_ids = itertools.count()
         # Live cursors by session id, so in-band SessionEnded notices reach their sessions.
@@ -139,8 +72,9 @@ class AsyncConveyorClient:
 
     async def close(self) -> None:
         """Close the Stream and the channel; sessions stay alive on the server until ended or expired."""
-        if self._stream is not None:
-            await self._stream.close()
+        for call in (self._stream, self._frames):
+            if call is not None:
+                await call.close()
         await self._channel.close()
 
     async def wait_for_ready(self, timeout_s: float = 10.0) -> None:
@@ -170,7 +104,8 @@ class AsyncConveyorClient:
     ) -> AsyncSession:
         """A new session, started by its first send (server-issued id when session_id is None).
 
-        via="stream" sends its chunks over the shared Stream, via="step" as one unary Step call each.
+        via="stream" sends its chunks over the shared Stream, via="frames" packed into frames with the chunks
+        of other sessions sent in the same loop pass, via="step" as one unary Step call each.
         """
         return AsyncSession(self, SessionCursor(session_id, outputs, reset=reset), via)
 
@@ -198,6 +133,16 @@ class AsyncConveyorClient:
             lambda: self._open_stream().send(request, self.options.timeout_s), request
         )
 
+    async def frame_chunk(self, request: pb.ChunkRequest) -> pb.ChunkResponse:
+        """Send one raw chunk request packed into a frame with the others of this loop pass, retrying
+        retryable failures (of its frame, or of its own session)."""
+        return await self._retrying(lambda: self._packer.submit(request), request)
+
+    async def frame(self, frame: pb.Frame) -> pb.FrameResult:
+        """Send one frame (many sessions' chunks, columnar) over the shared Frames stream, retrying when the
+        stream breaks; errors of single sessions come back in the result."""
+        return await self._retrying(lambda: self._open_frames().send(frame, self.options.timeout_s), frame)
+
     async def step(self, request: pb.ChunkRequest) -> pb.ChunkResponse:
         """Send one raw chunk request as a unary Step call, retrying retryable failures."""
         return await self._unary(self._stub.Step, request)
@@ -219,11 +164,17 @@ class AsyncConveyorClient:
         if cursor.session_id:
             self._cursors[cursor.session_id] = cursor
 
-    def _open_stream(self) -> _Stream:
+    def _open_stream(self) -> BidiCall[pb.ChunkRequest, pb.ChunkResponse]:
         if self._stream is None or self._stream.broken is not None:
             metadata = call_metadata(self.options, self._route_key)
-            self._stream = _Stream(self._stub, metadata, self._session_ended)
+            self._stream = BidiCall(self._stub, STREAM, metadata, self._session_ended)
         return self._stream
+
+    def _open_frames(self) -> BidiCall[pb.Frame, pb.FrameResult]:
+        if self._frames is None or self._frames.broken is not None:
+            metadata = call_metadata(self.options, self._route_key)
+            self._frames = BidiCall(self._stub, FRAMES, metadata, self._session_ended)
+        return self._frames
 
     def _session_ended(self, notice: pb.SessionEnded) -> None:
         cursor = self._cursors.pop(notice.session_id, None)
@@ -242,6 +193,8 @@ class AsyncConveyorClient:
         while True:
             if isinstance(request, pb.ChunkRequest):
                 request.request_id = str(next(self._request_ids))
+            elif isinstance(request, pb.Frame):
+                request.frame_id = str(next(self._request_ids))
             try:
                 return await attempt()
             except (grpc.RpcError, ConveyorError) as exc:
@@ -255,7 +208,7 @@ class AsyncSession(SessionHandle):
     def __init__(self, client: AsyncConveyorClient, cursor: SessionCursor, via: Via) -> None:
         super().__init__(cursor)
         self._client = client
-        self._send = client.stream_chunk if via == "stream" else client.step
+        self._send = {"stream": client.stream_chunk, "frames": client.frame_chunk, "step": client.step}[via]
 
     @property
     def end_reason(self) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,10 +21,11 @@ import numpy as np
 from serving.domain.errors import ShuttingDownError
 from serving.domain.runner import StepRunner
 
-# One chunk's result: y [time, outputs] and the new state row [state size], both views of the batch's arrays:
-# a caller that keeps one past its use copies it.
+# A chunk's result, y [time, outputs] and the new state row [state size]; or a block's (a frame: many
+# sessions' chunks of one length), y [rows, time, outputs] and the new rows [rows, state size]. Views of the
+# batch's arrays: a caller that keeps one past its use copies it.
 RowResult = tuple[np.ndarray, np.ndarray]
-_Computed = tuple[list[RowResult], float]  # a batch's rows, and its inference seconds
+_Computed = tuple[list[RowResult], float]  # each item's rows, and the batch's inference seconds
 
 # Where a batch runs. On the runner thread, the event loop keeps reading and answering while ORT runs (it
 # releases the GIL), and a runtime that stalls never stalls the loop. But the hand-off costs two thread
@@ -51,8 +53,8 @@ class BatchShapeError(RuntimeError):
 
 @dataclass(slots=True)
 class _Pending:
-    x: np.ndarray  # [time] or [time, features]
-    state: np.ndarray  # [state size]
+    x: np.ndarray  # [rows, time] or [rows, time, features]: one chunk (one row), or a frame's block
+    states: np.ndarray  # [rows, state size]
     future: asyncio.Future[RowResult]
     enqueued_s: float = field(default_factory=time.perf_counter)
 
@@ -80,6 +82,7 @@ class Batcher:
         self._inline_max_s = inline_max_ms / 1000  # 0: every batch on the runner thread
         self._metrics = metrics
         self._pending: list[_Pending] = []
+        self._pending_rows = 0  # chunks waiting: a frame's block counts each of its rows
         self._running: list[_Pending] = []  # the batch on the runner thread; the next waits for it
         # The loop the first chunk arrived on; kept, because asking asyncio for it costs a system call.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -91,11 +94,19 @@ class Batcher:
 
     async def run(self, x: np.ndarray, state: np.ndarray) -> RowResult:
         """Run one session's chunk `x` from `state`; returns its outputs [time, outputs] and its new state."""
+        y, new_states = await self.run_block(x[None], state[None])
+        return y[0], new_states[0]
+
+    async def run_block(self, x: np.ndarray, states: np.ndarray) -> RowResult:
+        """Run many sessions' chunks of one length, `x` [rows, time, ...] from `states` [rows, state size], in
+        one batch with whatever else of that length waits; returns y [rows, time, outputs] and the new rows.
+        A block is never split, so it may exceed max_batch_size alone."""
         if self._closed:
             raise ShuttingDownError()
         loop = self._loop = self._loop or asyncio.get_running_loop()
-        item = _Pending(x, state, loop.create_future())
+        item = _Pending(x, states, loop.create_future())
         self._pending.append(item)
+        self._pending_rows += len(x)
         self._schedule()
         return await item.future
 
@@ -107,7 +118,7 @@ class Batcher:
         for item in [*self._pending, *self._running]:
             if not item.future.done():
                 item.future.set_exception(ShuttingDownError())
-        self._pending, self._running = [], []
+        self._pending, self._running, self._pending_rows = [], [], 0
         # No wait: a batch still running (past the grace period) must not hold up the stop.
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -120,7 +131,7 @@ class Batcher:
         """Arrange the next flush: at once (next loop pass), or when the oldest chunk's delay runs out."""
         if self._running or not self._pending or self._closed:
             return  # a threaded batch's end schedules the next flush
-        full = len(self._pending) >= self._max_batch_size
+        full = self._pending_rows >= self._max_batch_size
         due = self._flush_due
         if due is not None:
             if not (full and isinstance(due, asyncio.TimerHandle)):
@@ -151,22 +162,26 @@ class Batcher:
         # The oldest chunk's length picks the group, so no length waits forever behind busier ones.
         waiting = [item for item in self._pending if not item.future.done()]
         if not waiting:
-            self._pending = []
+            self._pending, self._pending_rows = [], 0
             return []
-        shape = waiting[0].x.shape
+        shape = waiting[0].x.shape[1:]
         batch: list[_Pending] = []
         rest: list[_Pending] = []
+        rows = 0
         for item in waiting:
-            fits = len(batch) < self._max_batch_size and item.x.shape == shape
+            fits = (not batch or rows + len(item.x) <= self._max_batch_size) and item.x.shape[1:] == shape
             (batch if fits else rest).append(item)
+            rows += len(item.x) if fits else 0
         self._pending = rest
+        self._pending_rows = _rows(rest)
         return batch
 
     def _start(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         for item in batch:
-            self._metrics.observe_queue_wait(started - item.enqueued_s)
-        predicted_s = self._cost.predict(len(batch), len(batch[0].x))
+            for _ in range(len(item.x)):  # a wait per chunk, a frame's chunks each
+                self._metrics.observe_queue_wait(started - item.enqueued_s)
+        predicted_s = self._cost.predict(_rows(batch), batch[0].x.shape[1])
         if predicted_s is not None and predicted_s < self._inline_max_s:
             try:
                 computed: _Computed | Exception = self._compute(batch)
@@ -193,22 +208,23 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(computed)
             return
-        rows, inference_s = computed
-        self._cost.update(len(batch), len(batch[0].x), inference_s)
-        self._metrics.observe_batch(len(batch), inference_s)
-        for item, row in zip(batch, rows, strict=True):
+        results, inference_s = computed
+        self._cost.update(_rows(batch), batch[0].x.shape[1], inference_s)
+        self._metrics.observe_batch(_rows(batch), inference_s)
+        for item, result in zip(batch, results, strict=True):
             if not item.future.done():  # its caller may have gone (cancelled)
-                item.future.set_result(row)
+                item.future.set_result(result)
 
     def _compute(self, batch: list[_Pending]) -> _Computed:
-        x = np.stack([item.x for item in batch])  # [B, T] or [B, T, F]
-        states = np.stack([item.state for item in batch])  # [B, state size]
+        x = np.concatenate([item.x for item in batch])  # [B, T] or [B, T, F]
+        states = np.concatenate([item.states for item in batch])  # [B, state size]
         started = time.perf_counter()
         y, new_states = self._runner.run(x, states)  # y: [B, T, O]; new_states: [B, state size]
         inference_s = time.perf_counter() - started
         _check_split(y, new_states, x.shape[:2], states.shape)
-        # Rows as views of the batch's arrays: the session store keeps its own copy of a state.
-        return [(y[i], new_states[i]) for i in range(len(batch))], inference_s
+        # Each item's rows as views of the batch's arrays: the session store keeps its own copy of a state.
+        bounds = itertools.accumulate((len(item.x) for item in batch), initial=0)
+        return [(y[a:b], new_states[a:b]) for a, b in itertools.pairwise(bounds)], inference_s
 
 
 class _BatchCost:
@@ -232,6 +248,10 @@ class _BatchCost:
         bucket, observed = rows.bit_length(), seconds / steps
         known = self._step_s.get(bucket)
         self._step_s[bucket] = observed if known is None else known + _WEIGHT * (observed - known)
+
+
+def _rows(batch: list[_Pending]) -> int:
+    return sum(len(item.x) for item in batch)
 
 
 def _check_split(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -126,3 +127,11 @@ def _largest_id(x: np.ndarray) -> int:
     # chunk, the common case when streaming, is faster to check as a list than with a numpy reduction.
     unsigned = x.view(np.uint64)
     return max(unsigned.tolist()) if len(x) <= _SHORT_CHUNK else int(unsigned.max())
+
+
+def chunk_digest(chunk: Chunk) -> bytes:
+    """What identifies a repeat of the same chunk: its flags and its bytes (16 bytes of BLAKE2b)."""
+    # The shape needs no place in the key: a valid chunk's shape follows from its byte length and the model.
+    flags = chunk.start | chunk.end << 1 | chunk.reset << 2 | (chunk.outputs is OutputMode.LAST) << 3
+    payload = b"".join((bytes((flags,)), chunk.inputs.tobytes(), chunk.snapshot))
+    return hashlib.blake2b(payload, digest_size=16).digest()

@@ -4,8 +4,6 @@ per-session ordering and shutdown. The servicer translates; this decides.
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import NamedTuple, Protocol, TypeVar
@@ -19,21 +17,23 @@ from serving.domain.chunks import (
     OutputMode,
     ServedModel,
     check_session_id,
+    chunk_digest,
     session_key,
-    split_key,
     validate,
 )
 from serving.domain.errors import (
     OffsetMismatchError,
-    QuotaExceededError,
     ReplayNotKeptError,
+    ServingError,
     SessionAlreadyExistsError,
     SessionMovedError,
     SessionNotFoundError,
     ShuttingDownError,
 )
+from serving.domain.frames import Outcome, misfits, outcome
 from serving.domain.locks import Admission
 from serving.domain.notices import EndNotices, Watcher
+from serving.domain.quotas import Quotas
 from serving.domain.sessions.lifecycle import Sessions
 from serving.domain.sessions.snapshots import SnapshotCodec
 from serving.domain.sessions.store import EndReason, Replay, Session, SessionEnd
@@ -62,6 +62,15 @@ class _Job(NamedTuple):  # a tuple: built for every chunk, and cheaper to build 
     watcher: Watcher | None
 
 
+class _Run(NamedTuple):
+    """A chunk judged to run: the state it runs from, and the session it will succeed (None: a new one)."""
+
+    job: _Job
+    previous: Session | None
+    state: np.ndarray
+    steps: int
+
+
 class Engine:
     """Applies chunks to sessions under the session contract, one chunk per session at a time."""
 
@@ -81,9 +90,9 @@ class Engine:
         self._admission = Admission()
         self._notices = EndNotices()
         self._closed = False
-        self._quotas = quotas or {}  # tenant -> most sessions it may hold on this server
-        self._held: collections.Counter[str] = collections.Counter()  # tenant -> sessions it holds here
+        self._quotas = Quotas(quotas or {})
         sessions.add_listener(self._notices)
+        sessions.add_listener(self._quotas)
         sessions.add_listener(self._count_end)
 
     async def step(self, chunk: Chunk, watcher: Watcher | None = None) -> ChunkResult:
@@ -92,22 +101,37 @@ class Engine:
         Raises a `ServingError` subclass on any contract violation, leaving the session's state unchanged.
         """
         self._admission.check_open()
-        validate(chunk, self.model)
-        session_id = chunk.session_id or uuid.uuid4().hex
-        job = _Job(session_id, session_key(chunk.namespace, session_id), chunk, _digest(chunk), watcher)
+        job = self._job(chunk, watcher)
         async with self._admission.hold(job.key):
+            return await self._applied(job)
+
+    async def step_frame(self, chunks: list[Chunk], watcher: Watcher | None = None) -> list[Outcome]:
+        """Apply one chunk for each of many sessions (a frame: chunks of one length), the runnable ones as one
+        batch, under `step`'s contract session by session; each session's outcome, in order. A session's
+        error is its own: the others go on."""
+        self._admission.check_open()
+        outcomes: list[Outcome | None] = [None] * len(chunks)
+        jobs: dict[int, _Job] = {}
+        for index, chunk in enumerate(chunks):
             try:
-                try:
-                    return await self._apply_or_replay(job)
-                except SessionMovedError:
-                    # Another server (sharing the store) applied a chunk meanwhile; this run was discarded.
-                    # Judged again against the session as it now stands: the same chunk is then a replay,
-                    # any other an offset mismatch.
-                    return await self._apply_or_replay(job)
-            except SessionNotFoundError:  # the store knows the key; the client, its session id
-                raise SessionNotFoundError(session_id) from None
-            except SessionMovedError as moved:
-                raise SessionMovedError(session_id, moved.steps) from None
+                jobs[index] = self._job(chunk, watcher)
+            except ServingError as error:
+                outcomes[index] = error
+        keys = {index: job.key for index, job in jobs.items()}
+        for index, refused in misfits(keys, {i: len(job.chunk.inputs) for i, job in jobs.items()}).items():
+            del jobs[index]
+            outcomes[index] = refused
+        async with self._admission.hold_all([job.key for job in jobs.values()]):
+            runs: dict[int, _Run] = {}
+            for index, job in jobs.items():
+                judged = await outcome(job.session_id, self._judge(job))
+                if isinstance(judged, _Run):
+                    runs[index] = judged
+                else:
+                    outcomes[index] = judged
+            if runs:
+                await self._run_frame(runs, outcomes)
+        return [outcome for outcome in outcomes if outcome is not None]
 
     async def end_session(self, session_id: str, namespace: str = "") -> int:
         """End a live session of tenant `namespace`; returns its step count."""
@@ -133,10 +157,54 @@ class Engine:
         self._closed = True
         await self._sessions.shutdown()
 
+    def _job(self, chunk: Chunk, watcher: Watcher | None) -> _Job:
+        validate(chunk, self.model)
+        session_id = chunk.session_id or uuid.uuid4().hex
+        return _Job(session_id, session_key(chunk.namespace, session_id), chunk, chunk_digest(chunk), watcher)
+
     async def _apply_or_replay(self, job: _Job) -> ChunkResult:
+        judged = await self._judge(job)
+        if isinstance(judged, ChunkResult):
+            return judged
+        y, new_state = await self._batcher.run(job.chunk.inputs, judged.state)
+        return await self._commit(judged, y, new_state)
+
+    async def _applied(self, job: _Job) -> ChunkResult:
+        """`_apply_or_replay`, errors naming the session as the client does (the store knows its key)."""
+        try:
+            try:
+                return await self._apply_or_replay(job)
+            except SessionMovedError:
+                # Another server (sharing the store) applied a chunk meanwhile; this run was discarded. Judged
+                # again against the session as it now stands: the same chunk is then a replay, any other an
+                # offset mismatch.
+                return await self._apply_or_replay(job)
+        except SessionNotFoundError:
+            raise SessionNotFoundError(job.session_id) from None
+        except SessionMovedError as moved:
+            raise SessionMovedError(job.session_id, moved.steps) from None
+
+    async def _run_frame(self, runs: dict[int, _Run], outcomes: list[Outcome | None]) -> None:
+        """Run a frame's runnable chunks as one block, and commit each (or fail them all with the run)."""
+        x = np.stack([run.job.chunk.inputs for run in runs.values()])
+        states = np.stack([run.state for run in runs.values()])
+        try:
+            ys, new_states = await self._batcher.run_block(x, states)
+        except Exception as error:  # the runtime failed: every session of the block stays as it was
+            for index in runs:
+                outcomes[index] = error
+            return
+        for row, (index, run) in enumerate(runs.items()):
+            committed = await outcome(run.job.session_id, self._commit(run, ys[row], new_states[row]))
+            if isinstance(committed, SessionMovedError):  # as in `_applied`: judged again, alone
+                committed = await outcome(run.job.session_id, self._applied(run.job))
+            outcomes[index] = committed
+
+    async def _judge(self, job: _Job) -> ChunkResult | _Run:
+        """The chunk's cached result (a repeat), or what to run it from; raises on a contract violation."""
         return await (self._start(job) if job.chunk.start else self._continue(job))
 
-    async def _start(self, job: _Job) -> ChunkResult:
+    async def _start(self, job: _Job) -> ChunkResult | _Run:
         existing = await self._sessions.find(job.key)
         if existing is not None:
             replayed = self._replayed(job, existing.replay, existing.steps, ended=False)
@@ -147,11 +215,11 @@ class Engine:
                 raise SessionAlreadyExistsError(job.session_id, existing.steps)
         else:
             self._sessions.check_capacity()
-            self._check_quota(job.chunk.namespace)
+            self._quotas.check(job.chunk.namespace)
         state, steps = self._snapshots.initial(job.chunk.snapshot)
-        return await self._apply(job, existing, state, steps)
+        return self._runnable(job, existing, state, steps)
 
-    async def _continue(self, job: _Job) -> ChunkResult:
+    async def _continue(self, job: _Job) -> ChunkResult | _Run:
         session = await self._sessions.find(job.key)
         if session is None:
             return self._replay_ended(job)
@@ -159,7 +227,7 @@ class Engine:
         if replayed is not None:
             self._watch(job)
             return replayed
-        return await self._apply(job, session, session.state, session.steps)
+        return self._runnable(job, session, session.state, session.steps)
 
     def _replay_ended(self, job: _Job) -> ChunkResult:
         """Answer again the chunk that ended its session (a retry after its response was lost); anything else
@@ -170,12 +238,16 @@ class Engine:
             raise SessionNotFoundError(job.session_id)
         return replayed
 
-    async def _apply(self, job: _Job, previous: Session | None, state: np.ndarray, steps: int) -> ChunkResult:
-        """Run the chunk from `state` at `steps` and commit it as the successor of `previous` (None: new)."""
+    @staticmethod
+    def _runnable(job: _Job, previous: Session | None, state: np.ndarray, steps: int) -> _Run:
+        if job.chunk.offset != steps:
+            raise OffsetMismatchError(job.session_id, job.chunk.offset, steps)
+        return _Run(job, previous, state, steps)
+
+    async def _commit(self, run: _Run, y: np.ndarray, new_state: np.ndarray) -> ChunkResult:
+        """Commit the run's outputs `y` and `new_state` as the successor of `run.previous` (None: new)."""
+        job, previous, steps = run.job, run.previous, run.steps
         chunk = job.chunk
-        if chunk.offset != steps:
-            raise OffsetMismatchError(job.session_id, chunk.offset, steps)
-        y, new_state = await self._batcher.run(chunk.inputs, state)
         if self._closed:
             raise ShuttingDownError()  # the grace period ran out: every session has ended
         # A copy: the batcher's rows are views of the whole batch's outputs.
@@ -184,7 +256,7 @@ class Engine:
         kept = outputs if outputs.nbytes <= self.model.replay_max_bytes else None
         replay = Replay(job.digest, chunk.offset, kept)
         if await self._sessions.commit(job.key, previous, new_state, steps, replay, restart=chunk.start):
-            self._held[chunk.namespace] += 1
+            self._quotas.started(chunk.namespace)
             self._metrics.session_started()
         self._metrics.chunk_applied(len(chunk.inputs))
         self._watch(job)
@@ -201,20 +273,12 @@ class Engine:
             except SessionNotFoundError:  # the store knows the key; the client, its session id
                 raise SessionNotFoundError(session_id) from None
 
-    def _check_quota(self, namespace: str) -> None:
-        quota = self._quotas.get(namespace)
-        if quota is not None and self._held[namespace] >= quota:
-            raise QuotaExceededError(namespace, quota)
-
     def _watch(self, job: _Job) -> None:
         if job.watcher is not None:
             self._notices.watch(job.key, job.watcher)
 
     def _count_end(self, ended: SessionEnd) -> None:
         self._metrics.session_ended(ended.reason.value, ended.duration_s, ended.steps)
-        namespace = split_key(ended.session_id)[0]
-        if self._held[namespace] > 0:
-            self._held[namespace] -= 1
 
     def _replayed(self, job: _Job, replay: Replay | None, steps: int, *, ended: bool) -> ChunkResult | None:
         """The cached result when `job` repeats the chunk `replay` records, else None; `ReplayNotKeptError`
@@ -224,10 +288,3 @@ class Engine:
         if replay.outputs is None:
             raise ReplayNotKeptError(job.session_id, replay.offset, steps, self.model.replay_max_bytes)
         return ChunkResult(job.session_id, replay.offset, steps, replay.outputs, ended, replayed=True)
-
-
-def _digest(chunk: Chunk) -> bytes:
-    # The shape needs no place in the key: a valid chunk's shape follows from its byte length and the model.
-    flags = chunk.start | chunk.end << 1 | chunk.reset << 2 | (chunk.outputs is OutputMode.LAST) << 3
-    payload = b"".join((bytes((flags,)), chunk.inputs.tobytes(), chunk.snapshot))
-    return hashlib.blake2b(payload, digest_size=16).digest()

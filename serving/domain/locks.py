@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from serving.domain.errors import ShuttingDownError
 
@@ -31,6 +33,31 @@ class Admission:
         No suspension before the lock is queued for, so the calls of a session run in the order they arrived.
         """
         return Held(self, session_id)
+
+    @contextlib.asynccontextmanager
+    async def hold_all(self, session_ids: list[str]) -> AsyncIterator[None]:
+        """`hold` of many sessions at once (a frame's: distinct ids), one call in flight.
+
+        Every lock is queued for before any is waited on, so calls meet on each session in arrival order and
+        two calls holding several sessions each cannot wait on each other in a circle."""
+        self._inflight += 1
+        queued = [(key, self._locks.queue(key)) for key in session_ids]
+        held: list[str] = []
+        try:
+            for key, turn in queued:
+                if turn is not None:
+                    await turn
+                held.append(key)
+            yield
+        finally:
+            for key, turn in queued[len(held) :]:  # not waited for (cancelled meanwhile): held, or given up
+                if turn is None or (turn.done() and not turn.cancelled()):
+                    held.append(key)
+                else:
+                    turn.cancel()
+            for key in held:
+                self._locks.release(key)
+            self._leave()
 
     async def close(self, grace_s: float) -> None:
         """Admit nothing more; wait up to `grace_s` for the calls in flight to finish."""
@@ -85,18 +112,25 @@ class KeyedLocks:
 
     async def acquire(self, key: str) -> None:
         """Wait until `key` is free, then hold it."""
-        waiters = self._waiters.get(key)
-        if waiters is None:
-            self._waiters[key] = collections.deque()
+        future = self.queue(key)
+        if future is None:
             return
-        future = asyncio.get_running_loop().create_future()
-        waiters.append(future)
         try:
             await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release(key)  # handed the lock as this waiter was cancelled: pass it on
             raise
+
+    def queue(self, key: str) -> asyncio.Future[None] | None:
+        """Take `key` now if it is free (None), else join its queue: the future resolves when it is held."""
+        waiters = self._waiters.get(key)
+        if waiters is None:
+            self._waiters[key] = collections.deque()
+            return None
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(future)
+        return future
 
     def release(self, key: str) -> None:
         """Free `key`: the next waiter, in arrival order, holds it now."""

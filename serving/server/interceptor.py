@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -38,13 +37,13 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         for kind, factory in FACTORIES.items():
             behavior = getattr(handler, kind)
             if behavior is not None:
-                wrapped = self._wrap(behavior, service, method)
+                wrapped = self._wrap(behavior, service, method, streams=kind.endswith("_stream"))
                 return factory(wrapped, handler.request_deserializer, handler.response_serializer)
         return handler
 
-    def _wrap(self, behavior: Behavior, service: str, method: str) -> Behavior:
+    def _wrap(self, behavior: Behavior, service: str, method: str, *, streams: bool) -> Behavior:
         record = self._metrics.rpc_handled
-        if inspect.isasyncgenfunction(behavior):
+        if streams:  # the handler is an async generator, or returns an async iterator
 
             async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 started, error = time.perf_counter(), None

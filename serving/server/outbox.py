@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from serving.domain.notices import Watcher
 from serving.domain.sessions.store import SessionEnd
-from serving.server.translate import end_notice
 from serving.wire import pb
+
+Message = TypeVar("Message", pb.StreamResponse, pb.FrameResponse)
 
 
 @dataclass(frozen=True)
@@ -22,16 +24,20 @@ class StreamLimits:
     max_streams: int  # streams open at once
 
 
-def chunk_cost(request: pb.ChunkRequest, output_size: int, max_steps: int) -> int:
-    """Bytes a stream holds for `request` until its answer is sent: the request itself and the largest
-    response it can get (float32 outputs for each of its timesteps, or for the last one)."""
-    shape = request.inputs.shape
+def chunk_cost(request: pb.ChunkRequest | pb.Frame, output_size: int, max_steps: int) -> int:
+    """Bytes a stream holds for `request` (a chunk, or a frame of chunks) until its answer is sent: the
+    request itself and the largest response it can get (float32 outputs for each of its timesteps, or for the
+    last one; a frame's inputs are [sessions, time, ...])."""
+    shape = list(request.inputs.shape)
+    rows = 1
+    if isinstance(request, pb.Frame):
+        rows, shape = (max(shape[0], 1), shape[1:]) if shape else (1, shape)
     every_step = request.outputs != pb.OUTPUT_MODE_LAST
     steps = min(max(shape[0], 1), max_steps) if shape and every_step else 1
-    return request.ByteSize() + 4 * output_size * steps
+    return request.ByteSize() + 4 * output_size * steps * rows
 
 
-class Outbox:
+class Outbox(Generic[Message]):
     """One stream's outgoing messages in the order they were produced, and the chunks it may still take.
 
     Each chunk read holds a cost (its request and the largest response it can get, in bytes) until its answer
@@ -42,8 +48,14 @@ class Outbox:
     A deque and one future rather than an asyncio.Queue: every message passes through here, and each
     Queue.get asks asyncio for the running loop, which costs a system call."""
 
-    def __init__(self, limits: StreamLimits, loop: asyncio.AbstractEventLoop) -> None:
-        self._queue: collections.deque[tuple[pb.StreamResponse, int] | None] = collections.deque()
+    def __init__(
+        self,
+        limits: StreamLimits,
+        loop: asyncio.AbstractEventLoop,
+        notice: Callable[[SessionEnd], Message],
+    ) -> None:
+        self._queue: collections.deque[tuple[Message, int] | None] = collections.deque()
+        self._notice: Callable[[SessionEnd], Message] = notice  # the message telling that a session ended
         self._loop = loop
         self._ready: asyncio.Future[None] | None = None  # the sender waits on it while the queue is empty
         self._room: asyncio.Future[None] | None = None  # the reader waits on it while the stream is full
@@ -66,20 +78,20 @@ class Outbox:
         self._unanswered += 1
         self.held_bytes += cost
 
-    def answer(self, response: pb.StreamResponse, cost: int) -> None:
+    def answer(self, response: Message, cost: int) -> None:
         """Queue the response or error of a chunk `reserve`d at `cost`."""
         self._put((response, cost))
 
     def notify(self, ended: SessionEnd) -> None:
         """Queue the notice that a session this stream used has ended (no chunk's answer: it costs none)."""
         self.touched.discard(ended.session_id)
-        self._put((end_notice(ended), -1))
+        self._put((self._notice(ended), -1))
 
     def finish(self) -> None:
         """No more messages: the stream ends after what is queued."""
         self._put(None)
 
-    def _put(self, item: tuple[pb.StreamResponse, int] | None) -> None:
+    def _put(self, item: tuple[Message, int] | None) -> None:
         self._queue.append(item)
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
@@ -90,7 +102,7 @@ class Outbox:
         if self._room is not None and not self._room.done():
             self._room.set_result(None)
 
-    async def __aiter__(self) -> AsyncIterator[pb.StreamResponse]:
+    async def __aiter__(self) -> AsyncIterator[Message]:
         queue = self._queue
         while True:
             while not queue:

@@ -5,21 +5,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import NoReturn, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
 
 from serving.domain.engine import Engine
-from serving.domain.errors import UnauthenticatedError
+from serving.domain.errors import InvalidChunkError, UnauthenticatedError
 from serving.domain.notices import Watcher
+from serving.domain.sessions.store import SessionEnd
 from serving.server.auth import Tenants
 from serving.server.malformed import Malformed
 from serving.server.metrics import ConveyorMetrics
-from serving.server.outbox import Outbox, StreamLimits, chunk_cost
+from serving.server.outbox import Message, Outbox, StreamLimits, chunk_cost
 from serving.server.translate import (
     BY_NUMBER,
     chunk_from_pb,
+    end_notice,
+    frame_end_notice,
+    frame_from_pb,
+    frame_result_to_pb,
     malformed_error,
     model_info_to_pb,
     result_to_pb,
@@ -30,6 +36,24 @@ from serving.wire import pb, pb_grpc
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class _BidiKind(Generic[Message]):
+    """What Stream and Frames do differently: how a request is answered, and the stream's message for an
+    ended session and for a request that does not parse."""
+
+    answer: Callable[[Any, float, Outbox[Message], str, int], Coroutine[Any, Any, None]]
+    notice: Callable[[SessionEnd], Message]
+    refuse: Callable[[pb.ChunkError], Message]
+
+
+def _stream_error(error: pb.ChunkError) -> pb.StreamResponse:
+    return pb.StreamResponse(error=error)
+
+
+def _frame_error(error: pb.ChunkError) -> pb.FrameResponse:
+    return pb.FrameResponse(error=error)
 
 
 class ConveyorServicer(pb_grpc.ConveyorServicer):
@@ -47,21 +71,37 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         self._metrics = metrics
         self._tenants = tenants  # None: no authentication, one namespace
         self._stream_limits = stream_limits
-        self._outboxes: set[Outbox] = set()
+        self._outboxes: set[Outbox[Any]] = set()
         model = engine.model
         self._chunk_cost_args = (model.spec.output_size, model.max_chunk_steps)
+        self._chunks = _BidiKind(self._answer_in_band, end_notice, _stream_error)
+        self._frames = _BidiKind(self._answer_frame, frame_end_notice, _frame_error)
 
-    async def Stream(  # noqa: N802 (gRPC method names)
+    def Stream(  # noqa: N802 (gRPC method names)
         self, request_iterator: AsyncIterator[pb.ChunkRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         """Answers each request in band, concurrently across sessions; tells the stream of ended sessions."""
+        return self._bidi(request_iterator, context, self._chunks)
+
+    def Frames(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.FrameResponse]:
+        """Answers each frame in band, concurrently across frames; tells the stream of ended sessions."""
+        return self._bidi(request_iterator, context, self._frames)
+
+    async def _bidi(
+        self,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        kind: _BidiKind[Message],
+    ) -> AsyncIterator[Message]:
         namespace = await self._namespace(context)
         if len(self._outboxes) >= self._stream_limits.max_streams:
             await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, self._streams_full())
         loop = asyncio.get_running_loop()
-        outbox = Outbox(self._stream_limits, loop)
+        outbox = Outbox(self._stream_limits, loop, kind.notice)
         self._outboxes.add(outbox)
-        reader = loop.create_task(self._read(request_iterator, outbox, loop, namespace))
+        reader = loop.create_task(self._read(requests, outbox, loop, namespace, kind))
         try:
             async for response in outbox:
                 yield response
@@ -115,10 +155,11 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
 
     async def _read(
         self,
-        requests: AsyncIterator[pb.ChunkRequest | Malformed],
-        outbox: Outbox,
+        requests: AsyncIterator[Any],
+        outbox: Outbox[Message],
         loop: asyncio.AbstractEventLoop,
         namespace: str,
+        kind: _BidiKind[Message],
     ) -> None:
         # Tasks are made through `loop`: asyncio.create_task would look the loop up (a system call) each time.
         tasks: set[asyncio.Task[None]] = set()
@@ -128,11 +169,11 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
                 if isinstance(request, Malformed):  # answered in band: the stream's other chunks go on
                     await outbox.reserve(0)  # its bytes are gone; its error is a few dozen
                     self._metrics.chunk_answered(time.perf_counter() - received, "INVALID_ARGUMENT")
-                    outbox.answer(malformed_error(request), 0)
+                    outbox.answer(kind.refuse(malformed_error(request)), 0)
                     continue
                 cost = chunk_cost(request, *self._chunk_cost_args)
                 await outbox.reserve(cost)
-                task = loop.create_task(self._answer_in_band(request, received, outbox, namespace, cost))
+                task = loop.create_task(kind.answer(request, received, outbox, namespace, cost))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:
@@ -145,7 +186,12 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
             outbox.finish()
 
     async def _answer_in_band(
-        self, request: pb.ChunkRequest, received: float, outbox: Outbox, namespace: str, cost: int
+        self,
+        request: pb.ChunkRequest,
+        received: float,
+        outbox: Outbox[pb.StreamResponse],
+        namespace: str,
+        cost: int,
     ) -> None:
         response = pb.StreamResponse()
         error = await self._answer(request, received, response.chunk, namespace, outbox.watcher)
@@ -154,6 +200,33 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         else:
             outbox.touched.add(response.chunk.session_id)
             outbox.answer(response, cost)
+
+    async def _answer_frame(
+        self,
+        frame: pb.Frame,
+        received: float,
+        outbox: Outbox[pb.FrameResponse],
+        namespace: str,
+        cost: int,
+    ) -> None:
+        """A frame's FrameResult (each session's chunk counted as a chunk answered), or its whole error."""
+        try:
+            chunks = frame_from_pb(frame, namespace)
+        except InvalidChunkError as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            self._metrics.chunk_answered(time.perf_counter() - received, code.name)
+            error = pb.ChunkError(request_id=frame.frame_id, code=code.value[0], message=str(exc))
+            outbox.answer(pb.FrameResponse(error=error), cost)
+            return
+        outcomes = await self._engine.step_frame(chunks, outbox.watcher)
+        result = frame_result_to_pb(frame, chunks, outcomes, self._engine.model.spec.output_size)
+        elapsed = time.perf_counter() - received
+        failed = {error.index: BY_NUMBER[error.code].name for error in result.errors}
+        for index, session_id in enumerate(result.session_ids):
+            self._metrics.chunk_answered(elapsed, failed.get(index))
+            if index not in failed:
+                outbox.touched.add(session_id)
+        outbox.answer(pb.FrameResponse(result=result), cost)
 
     async def _answer(
         self,

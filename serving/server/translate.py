@@ -7,8 +7,10 @@ run, so a cancelled chunk leaves its session as it was and a retry with the same
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
+import numpy as np
 
 from serving.domain.chunks import Chunk, ChunkResult, OutputMode, ServedModel
 from serving.domain.errors import (
@@ -135,14 +137,79 @@ def model_info_to_pb(model: ServedModel) -> pb.ModelInfo:
     )
 
 
-def malformed_error(request: Malformed) -> pb.StreamResponse:
-    """The in-band answer to a Stream message that is not a ChunkRequest (no request id to match: none
+def malformed_error(request: Malformed) -> pb.ChunkError:
+    """The in-band error for a Stream or Frames message that does not parse (no request id to match: none
     could be read)."""
-    code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    return pb.StreamResponse(error=pb.ChunkError(code=code, message=request.describe()))
+    return pb.ChunkError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=request.describe())
 
 
 def end_notice(ended: SessionEnd) -> pb.StreamResponse:
-    """The in-band message telling a stream that one of its sessions has ended."""
-    notice = pb.SessionEnded(session_id=ended.session_id, reason=_REASONS[ended.reason], steps=ended.steps)
-    return pb.StreamResponse(session_ended=notice)
+    """The in-band message telling a Stream that one of its sessions has ended."""
+    return pb.StreamResponse(session_ended=_session_ended(ended))
+
+
+def frame_end_notice(ended: SessionEnd) -> pb.FrameResponse:
+    """The in-band message telling a Frames stream that one of its sessions has ended."""
+    return pb.FrameResponse(session_ended=_session_ended(ended))
+
+
+def _session_ended(ended: SessionEnd) -> pb.SessionEnded:
+    return pb.SessionEnded(session_id=ended.session_id, reason=_REASONS[ended.reason], steps=ended.steps)
+
+
+def frame_from_pb(frame: pb.Frame, namespace: str = "") -> list[Chunk]:
+    """A frame's chunks, one per session, in its order (each chunk's inputs a view of the frame's tensor);
+    `InvalidChunkError` when the frame as a whole does not parse: its tensor, or columns that disagree."""
+    sessions = len(frame.session_ids)
+    if not sessions:
+        raise InvalidChunkError("the frame carries no session")
+    try:
+        inputs = decode(frame.inputs)
+    except TensorDecodeError as exc:
+        raise InvalidChunkError(f"inputs: {exc}") from exc
+    if inputs.ndim < 2 or inputs.shape[0] != sessions:
+        raise InvalidChunkError(
+            f"inputs {list(inputs.shape)} must be [sessions ({sessions}), time] or [sessions, time, features]"
+        )
+    defaults = {"offsets": 0, "start": False, "end": False, "reset": False, "snapshots": b""}
+    columns: dict[str, list[Any]] = {}
+    for name, default in defaults.items():
+        column = list(getattr(frame, name))
+        if len(column) not in (0, sessions):
+            raise InvalidChunkError(f"{name} has {len(column)} entries for {sessions} sessions")
+        columns[name] = column or [default] * sessions
+    mode = _OUTPUT_MODES.get(frame.outputs)
+    if mode is None:
+        raise InvalidChunkError(f"unknown outputs mode {frame.outputs}")
+    offsets, start, end, reset, snapshots = columns.values()
+    return [
+        Chunk(session_id, inputs[i], offsets[i], start[i], end[i], reset[i], snapshots[i], mode, namespace)
+        for i, session_id in enumerate(frame.session_ids)
+    ]
+
+
+def frame_result_to_pb(
+    frame: pb.Frame, chunks: list[Chunk], outcomes: list[ChunkResult | Exception], output_size: int
+) -> pb.FrameResult:
+    """The FrameResult of a frame's outcomes (each a result, or the error of that session alone)."""
+    time = 1 if frame.outputs == pb.OUTPUT_MODE_LAST else len(chunks[0].inputs)
+    outputs = np.zeros((len(chunks), time, output_size), "<f4")
+    result = pb.FrameResult(frame_id=frame.frame_id)
+    for index, (chunk, outcome) in enumerate(zip(chunks, outcomes, strict=True)):
+        if isinstance(outcome, ChunkResult):
+            outputs[index] = outcome.outputs
+            result.session_ids.append(outcome.session_id)
+            result.steps.append(outcome.steps)
+            result.ended.append(outcome.ended)
+            result.replayed.append(outcome.replayed)
+            continue
+        code, message = status_for(outcome)
+        result.errors.append(pb.FrameError(index=index, code=code.value[0], message=message))
+        result.session_ids.append(chunk.session_id)
+        result.steps.append(-1)
+        result.ended.append(False)
+        result.replayed.append(False)
+    result.outputs.dtype = pb.DTYPE_FLOAT32
+    result.outputs.shape[:] = outputs.shape
+    result.outputs.data = outputs.tobytes()
+    return result

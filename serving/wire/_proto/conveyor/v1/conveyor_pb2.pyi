@@ -355,6 +355,202 @@ class StreamResponse(_message.Message):
 Global___StreamResponse: _TypeAlias = StreamResponse  # noqa: Y015
 
 @_typing.final
+class Frame(_message.Message):
+    """One chunk for each of many sessions, columnar. Every repeated field has one entry per session, in the same
+    order, or none (then every session takes its default: offset 0, flags false, no snapshot).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAME_ID_FIELD_NUMBER: _builtins.int
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    OFFSETS_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    SNAPSHOTS_FIELD_NUMBER: _builtins.int
+    frame_id: _builtins.str
+    """Opaque client correlation id, echoed in the FrameResult."""
+    outputs: Global___OutputMode.ValueType
+    """Which timesteps' outputs to return, for every session."""
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The sessions, each at most once per frame. An empty id together with start asks for a server-issued id."""
+
+    @_builtins.property
+    def inputs(self) -> Global___Tensor:
+        """Inputs for every session: [sessions, time] (tokens, INT64) or [sessions, time, features] (FLOAT32). Every
+        session's chunk has the same length; chunks of other lengths go in other frames.
+        """
+
+    @_builtins.property
+    def offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each session's offset, as ChunkRequest.offset."""
+
+    @_builtins.property
+    def start(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Each session's flags, as ChunkRequest.start, .end and .reset."""
+
+    @_builtins.property
+    def end(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
+    @_builtins.property
+    def reset(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
+    @_builtins.property
+    def snapshots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Each session's snapshot to restore with start (empty bytes: none)."""
+
+    def __init__(
+        self,
+        *,
+        frame_id: _builtins.str = ...,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        inputs: Global___Tensor | None = ...,
+        offsets: _abc.Iterable[_builtins.int] | None = ...,
+        start: _abc.Iterable[_builtins.bool] | None = ...,
+        end: _abc.Iterable[_builtins.bool] | None = ...,
+        reset: _abc.Iterable[_builtins.bool] | None = ...,
+        outputs: Global___OutputMode.ValueType = ...,
+        snapshots: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame_id", b"frame_id", "inputs", b"inputs", "offsets", b"offsets", "outputs", b"outputs", "reset", b"reset", "session_ids", b"session_ids", "snapshots", b"snapshots", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Frame: _TypeAlias = Frame  # noqa: Y015
+
+@_typing.final
+class FrameError(_message.Message):
+    """A session of a frame that failed; its state is exactly as it was before the frame."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The session's position in the frame."""
+    code: _builtins.int
+    """The gRPC status code number (google.rpc.Code), as for a ChunkError."""
+    message: _builtins.str
+    """What went wrong, for a person."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "index", b"index", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrameError: _TypeAlias = FrameError  # noqa: Y015
+
+@_typing.final
+class FrameResult(_message.Message):
+    """The results of a frame, columnar, in the frame's order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAME_ID_FIELD_NUMBER: _builtins.int
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    frame_id: _builtins.str
+    """The frame's frame_id, echoed."""
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The session ids (server-issued where the frame's was empty)."""
+
+    @_builtins.property
+    def outputs(self) -> Global___Tensor:
+        """FLOAT32 [sessions, time, outputs] for OUTPUT_MODE_ALL, [sessions, 1, outputs] for OUTPUT_MODE_LAST. A failed
+        session's rows are zeros.
+        """
+
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each session's step count after the frame (the next offset); for a failed session, -1."""
+
+    @_builtins.property
+    def ended(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Each session's flags, as ChunkResponse.ended and .replayed."""
+
+    @_builtins.property
+    def replayed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FrameError]:
+        """The sessions that failed, by index; the others succeeded."""
+
+    def __init__(
+        self,
+        *,
+        frame_id: _builtins.str = ...,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        outputs: Global___Tensor | None = ...,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        ended: _abc.Iterable[_builtins.bool] | None = ...,
+        replayed: _abc.Iterable[_builtins.bool] | None = ...,
+        errors: _abc.Iterable[Global___FrameError] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "errors", b"errors", "frame_id", b"frame_id", "outputs", b"outputs", "replayed", b"replayed", "session_ids", b"session_ids", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrameResult: _TypeAlias = FrameResult  # noqa: Y015
+
+@_typing.final
+class FrameResponse(_message.Message):
+    """One message on the Frames response side."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    SESSION_ENDED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> Global___FrameResult:
+        """A frame's results."""
+
+    @_builtins.property
+    def error(self) -> Global___ChunkError:
+        """A frame that failed as a whole (it could not be read: its tensor or its columns do not parse or disagree);
+        its request_id is the frame_id.
+        """
+
+    @_builtins.property
+    def session_ended(self) -> Global___SessionEnded:
+        """A session used on this stream ended."""
+
+    def __init__(
+        self,
+        *,
+        result: Global___FrameResult | None = ...,
+        error: Global___ChunkError | None = ...,
+        session_ended: Global___SessionEnded | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "kind", b"kind", "result", b"result", "session_ended", b"session_ended"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "kind", b"kind", "result", b"result", "session_ended", b"session_ended"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["result", "error", "session_ended"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___FrameResponse: _TypeAlias = FrameResponse  # noqa: Y015
+
+@_typing.final
 class EndSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

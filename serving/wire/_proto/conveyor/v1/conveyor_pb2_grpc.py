@@ -60,6 +60,11 @@ class ConveyorStub:
                 request_serializer=conveyor_dot_v1_dot_conveyor__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_conveyor__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Frames = channel.stream_stream(
+                '/conveyor.v1.Conveyor/Frames',
+                request_serializer=conveyor_dot_v1_dot_conveyor__pb2.Frame.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_conveyor__pb2.FrameResponse.FromString,
+                _registered_method=True)
 
 
 class ConveyorServicer:
@@ -105,6 +110,18 @@ class ConveyorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Frames(self, request_iterator, context):
+        """Bidirectional stream of frames, for gateways that carry many sessions: each Frame holds one chunk for each
+        of many sessions, columnar (their ids, offsets and flags, one inputs tensor), and gets one FrameResult with
+        one outputs tensor and each session's step count; a session's error is reported in band, in the result,
+        and never fails its neighbours. The contract is the Stream's, session by session: offsets, exactly-once
+        replay of a repeated chunk, start/end/reset, snapshot restore, the same status codes, and SessionEnded
+        notices for sessions used on this stream. Frames and Stream chunks may address the same sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConveyorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +149,11 @@ def add_ConveyorServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=conveyor_dot_v1_dot_conveyor__pb2.ModelInfoRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_conveyor__pb2.ModelInfo.SerializeToString,
+            ),
+            'Frames': grpc.stream_stream_rpc_method_handler(
+                    servicer.Frames,
+                    request_deserializer=conveyor_dot_v1_dot_conveyor__pb2.Frame.FromString,
+                    response_serializer=conveyor_dot_v1_dot_conveyor__pb2.FrameResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +292,33 @@ class Conveyor:
             '/conveyor.v1.Conveyor/GetModelInfo',
             conveyor_dot_v1_dot_conveyor__pb2.ModelInfoRequest.SerializeToString,
             conveyor_dot_v1_dot_conveyor__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Frames(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/conveyor.v1.Conveyor/Frames',
+            conveyor_dot_v1_dot_conveyor__pb2.Frame.SerializeToString,
+            conveyor_dot_v1_dot_conveyor__pb2.FrameResponse.FromString,
             options,
             channel_credentials,
             insecure,

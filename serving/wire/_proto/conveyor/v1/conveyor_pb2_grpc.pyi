@@ -56,6 +56,14 @@ class ConveyorStub:
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.ModelInfoRequest, _conveyor_pb2.ModelInfo]
     """Describes the served model: input kind and size, outputs, fingerprint, vocabulary, limits."""
+    Frames: _grpc.StreamStreamMultiCallable[_conveyor_pb2.Frame, _conveyor_pb2.FrameResponse]
+    """Bidirectional stream of frames, for gateways that carry many sessions: each Frame holds one chunk for each
+    of many sessions, columnar (their ids, offsets and flags, one inputs tensor), and gets one FrameResult with
+    one outputs tensor and each session's step count; a session's error is reported in band, in the result,
+    and never fails its neighbours. The contract is the Stream's, session by session: offsets, exactly-once
+    replay of a repeated chunk, start/end/reset, snapshot restore, the same status codes, and SessionEnded
+    notices for sessions used on this stream. Frames and Stream chunks may address the same sessions.
+    """
 
 @_typing.type_check_only
 class ConveyorAsyncStub(ConveyorStub):
@@ -78,6 +86,14 @@ class ConveyorAsyncStub(ConveyorStub):
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.ModelInfoRequest, _conveyor_pb2.ModelInfo]  # type: ignore[assignment]
     """Describes the served model: input kind and size, outputs, fingerprint, vocabulary, limits."""
+    Frames: _aio.StreamStreamMultiCallable[_conveyor_pb2.Frame, _conveyor_pb2.FrameResponse]  # type: ignore[assignment]
+    """Bidirectional stream of frames, for gateways that carry many sessions: each Frame holds one chunk for each
+    of many sessions, columnar (their ids, offsets and flags, one inputs tensor), and gets one FrameResult with
+    one outputs tensor and each session's step count; a session's error is reported in band, in the result,
+    and never fails its neighbours. The contract is the Stream's, session by session: offsets, exactly-once
+    replay of a repeated chunk, start/end/reset, snapshot restore, the same status codes, and SessionEnded
+    notices for sessions used on this stream. Frames and Stream chunks may address the same sessions.
+    """
 
 class ConveyorServicer(metaclass=_abc_1.ABCMeta):
     """The Conveyor inference service."""
@@ -127,5 +143,19 @@ class ConveyorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_conveyor_pb2.ModelInfo, _abc.Awaitable[_conveyor_pb2.ModelInfo]]:
         """Describes the served model: input kind and size, outputs, fingerprint, vocabulary, limits."""
+
+    @_abc_1.abstractmethod
+    def Frames(
+        self,
+        request_iterator: _MaybeAsyncIterator[_conveyor_pb2.Frame],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_conveyor_pb2.FrameResponse], _abc.AsyncIterator[_conveyor_pb2.FrameResponse]]:
+        """Bidirectional stream of frames, for gateways that carry many sessions: each Frame holds one chunk for each
+        of many sessions, columnar (their ids, offsets and flags, one inputs tensor), and gets one FrameResult with
+        one outputs tensor and each session's step count; a session's error is reported in band, in the result,
+        and never fails its neighbours. The contract is the Stream's, session by session: offsets, exactly-once
+        replay of a repeated chunk, start/end/reset, snapshot restore, the same status codes, and SessionEnded
+        notices for sessions used on this stream. Frames and Stream chunks may address the same sessions.
+        """
 
 def add_ConveyorServicer_to_server(servicer: ConveyorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
