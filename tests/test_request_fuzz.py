@@ -4,11 +4,13 @@ as it was, and the server stays SERVING.
 
 Hypothesis draws ChunkRequests at every value the wire allows (undefined enum numbers, negative and huge
 shapes, sizes that disagree, any text, any offset, snapshots of junk), requests near the valid ones, and bytes
-that are no protobuf message at all; they go to Step, EndSession, Snapshot and GetModelInfo, and on a Stream.
+that are no protobuf message at all; they go to Step, EndSession, Snapshot and GetModelInfo, and on a Stream;
+fuzzed frames (columns that agree or not, any ids and flags) go on a Frames stream.
 """
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -173,6 +175,68 @@ def test_a_stream_answers_every_fuzzed_message_in_band_and_stays_open(
     for raw_answer in answers:
         answer = pb.StreamResponse.FromString(raw_answer)
         assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], answer
+
+
+@st.composite
+def frames(draw: st.DrawFn, feature_width: int) -> pb.Frame:
+    """Frames of any columns (lengths that agree or not, any ids, offsets and flags) over near-valid or
+    arbitrary tensors, including ones shaped [sessions, time, ...] as the model takes them."""
+    ids = draw(st.lists(session_ids, max_size=6))
+    steps = draw(st.integers(1, 4))
+    shape = [len(ids), steps, *([feature_width] if feature_width else [])]
+    values = draw(st.lists(st.floats(width=32) if feature_width else INT64, min_size=int(np.prod(shape)),
+                           max_size=int(np.prod(shape))))  # fmt: skip
+    shaped = encode(np.array(values, np.float32 if feature_width else np.int64).reshape(shape))
+    column = st.lists(st.booleans(), max_size=7)
+    return pb.Frame(
+        frame_id=draw(st.text(max_size=10)),
+        session_ids=ids,
+        inputs=draw(st.one_of(st.just(shaped), tensors())),
+        offsets=draw(st.lists(INT64, max_size=7)),
+        start=draw(column),
+        end=draw(column),
+        reset=draw(column),
+        outputs=pb.OutputMode.ValueType(draw(st.integers(-2, 5))),
+        snapshots=draw(st.lists(st.binary(max_size=40), max_size=7)),
+    )
+
+
+def test_a_frames_stream_answers_every_fuzzed_frame_in_band_and_stays_open(
+    server: tuple[RunningServer, Path, int], channel: grpc.Channel
+) -> None:
+    """On one Frames stream: fuzzed frames, each answered by a result (any session's error in band, never a
+    broken code) or an in-band error; the anchor session is untouched, and raw junk gets INVALID_ARGUMENT."""
+    running_server, artifact, width = server
+    stub = pb_grpc.ConveyorStub(channel)
+    x = sequence(artifact, 6)
+    start_session(stub, "anchor", x[:3])
+    requests: queue.Queue[pb.Frame | None] = queue.Queue()
+    answers = stub.Frames(iter(requests.get, None))
+    broken = {code.value[0] for code in BROKEN}
+
+    @fuzz_settings(200)
+    @given(frames(width))
+    def in_band(frame: pb.Frame) -> None:
+        frame.session_ids[:] = [sid if sid != "anchor" else "not-the-anchor" for sid in frame.session_ids]
+        frame.frame_id = "fuzzed"
+        requests.put(frame)
+        while (answer := next(answers)).HasField("session_ended"):
+            pass
+        if answer.HasField("error"):
+            assert answer.error.request_id == "fuzzed" and answer.error.message, answer.error
+            assert answer.error.code not in broken, answer.error
+            return
+        assert len(answer.result.steps) == len(frame.session_ids)
+        for error in answer.result.errors:
+            assert error.code not in broken and error.message, (error, frame)
+
+    in_band()
+    requests.put(None)
+    list(answers)
+    assert_continues(stub, artifact, "anchor", x, 3)
+    assert health_status(running_server) == health_pb2.HealthCheckResponse.SERVING
+    [raw] = channel.stream_stream("/conveyor.v1.Conveyor/Frames")(iter([b"\xff\xff"]), timeout=10)
+    assert pb.FrameResponse.FromString(raw).error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
 def _answer(stream: RawStream, request: pb.ChunkRequest) -> pb.StreamResponse:
