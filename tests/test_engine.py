@@ -251,3 +251,16 @@ def test_a_frames_bad_session_fails_alone_and_a_repeated_session_is_refused() ->
     assert isinstance(a_again, InvalidChunkError) and "appears more than once" in str(a_again)
     assert isinstance(nobody, SessionNotFoundError) and "'nobody'" in str(nobody)
     assert isinstance(longer, InvalidChunkError) and "3 steps, not the frame's 2" in str(longer)
+
+
+def test_a_retry_of_the_chunk_that_started_and_ended_its_session_is_replayed_not_run_again() -> None:
+    """Found by the soak: a start + end chunk sent again started a new session and ran the model twice."""
+    runner = FakeRunner()
+
+    async def scenario(h: Harness) -> tuple[ChunkResult, ChunkResult]:
+        whole = Chunk("once", X[:5], 0, start=True, end=True)
+        return await h.engine.step(whole), await h.engine.step(whole)
+
+    first, again = _run(scenario, runner)
+    assert (first.replayed, again.replayed, again.steps, again.ended) == (False, True, 5, True)
+    assert np.array_equal(again.outputs, first.outputs) and len(runner.calls) == 1

@@ -154,3 +154,11 @@ def bench(args: argparse.Namespace) -> None:
 
     with _user_errors(BenchError, OSError):
         run(args)
+
+
+def soak(args: argparse.Namespace) -> None:
+    from serving.bench.grid import BenchError
+    from serving.bench.soak.cli import run
+
+    with _user_errors(BenchError, OSError):
+        run(args)

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stream(sub)
     _add_demo(sub)
     _add_bench(sub)
+    _add_soak(sub)
     _add_token(sub)
     return parser
 
@@ -178,6 +179,13 @@ def _add_bench(sub: Subparsers) -> None:
 
     help_text = "Throughput, latency, CPU and memory against their floors."
     add_arguments(_command(sub, "bench", help_text, commands.bench))
+
+
+def _add_soak(sub: Subparsers) -> None:
+    from serving.bench.soak.cli import add_arguments  # light: imports neither grpc nor numpy
+
+    help_text = "Minutes of mixed traffic (bad requests included): answers by code, the server's memory."
+    add_arguments(_command(sub, "soak", help_text, commands.soak))
 
 
 if __name__ == "__main__":

@@ -62,7 +62,10 @@ class BidiCall(Generic[Request, Answer]):
         self._pending[key] = future
         self._outbox.put_nowait(request)
         try:
-            return await asyncio.wait_for(future, timeout_s)
+            # Not asyncio.wait_for: on 3.11 it drops a cancellation that arrives in the loop pass that brings
+            # the answer, and the cancelled caller runs on (the soak found a session streaming forever).
+            async with asyncio.timeout(timeout_s):
+                return await future
         except TimeoutError:
             raise ConveyorError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s}s") from None
         finally:

@@ -214,6 +214,9 @@ class Engine:
             if not job.chunk.reset:
                 raise SessionAlreadyExistsError(job.session_id, existing.steps)
         else:
+            replayed = self._ended_replayed(job)
+            if replayed is not None:  # the chunk that started and ended its session, sent again
+                return replayed
             self._sessions.check_capacity()
             self._quotas.check(job.chunk.namespace)
         state, steps = self._snapshots.initial(job.chunk.snapshot)
@@ -222,21 +225,21 @@ class Engine:
     async def _continue(self, job: _Job) -> ChunkResult | _Run:
         session = await self._sessions.find(job.key)
         if session is None:
-            return self._replay_ended(job)
+            replayed = self._ended_replayed(job)
+            if replayed is None:
+                raise SessionNotFoundError(job.session_id)
+            return replayed
         replayed = self._replayed(job, session.replay, session.steps, ended=False)
         if replayed is not None:
             self._watch(job)
             return replayed
         return self._runnable(job, session, session.state, session.steps)
 
-    def _replay_ended(self, job: _Job) -> ChunkResult:
-        """Answer again the chunk that ended its session (a retry after its response was lost); anything else
-        for a session that is not live is `SessionNotFoundError`."""
+    def _ended_replayed(self, job: _Job) -> ChunkResult | None:
+        """The answer again to the chunk that ended its session, when `job` repeats it within the replay
+        window (a retry after its response was lost); else None."""
         ended = self._sessions.ended_replay(job.key)
-        replayed = None if ended is None else self._replayed(job, ended.replay, ended.steps, ended=True)
-        if replayed is None:
-            raise SessionNotFoundError(job.session_id)
-        return replayed
+        return None if ended is None else self._replayed(job, ended.replay, ended.steps, ended=True)
 
     @staticmethod
     def _runnable(job: _Job, previous: Session | None, state: np.ndarray, steps: int) -> _Run:
