@@ -208,8 +208,8 @@ def test_a_frames_stream_answers_every_fuzzed_frame_in_band_and_stays_open(
     broken code) or an in-band error; the anchor session is untouched, and raw junk gets INVALID_ARGUMENT."""
     running_server, artifact, width = server
     stub = pb_grpc.ConveyorStub(channel)
-    x = sequence(artifact, 6)
-    start_session(stub, "anchor", x[:3])
+    x, anchor = sequence(artifact, 6), "frames-anchor"  # a session of its own: the module's server is shared
+    start_session(stub, anchor, x[:3])
     requests: queue.Queue[pb.Frame | None] = queue.Queue()
     answers = stub.Frames(iter(requests.get, None))
     broken = {code.value[0] for code in BROKEN}
@@ -217,7 +217,7 @@ def test_a_frames_stream_answers_every_fuzzed_frame_in_band_and_stays_open(
     @fuzz_settings(200)
     @given(frames(width))
     def in_band(frame: pb.Frame) -> None:
-        frame.session_ids[:] = [sid if sid != "anchor" else "not-the-anchor" for sid in frame.session_ids]
+        frame.session_ids[:] = [sid if sid != anchor else "not-the-anchor" for sid in frame.session_ids]
         frame.frame_id = "fuzzed"
         requests.put(frame)
         while (answer := next(answers)).HasField("session_ended"):
@@ -233,7 +233,7 @@ def test_a_frames_stream_answers_every_fuzzed_frame_in_band_and_stays_open(
     in_band()
     requests.put(None)
     list(answers)
-    assert_continues(stub, artifact, "anchor", x, 3)
+    assert_continues(stub, artifact, anchor, x, 3)
     assert health_status(running_server) == health_pb2.HealthCheckResponse.SERVING
     [raw] = channel.stream_stream("/conveyor.v1.Conveyor/Frames")(iter([b"\xff\xff"]), timeout=10)
     assert pb.FrameResponse.FromString(raw).error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
