@@ -79,10 +79,10 @@ export: $(STAMP) ## Export artifacts/language and artifacts/sensor to ONNX (veri
 	$(BIN)/conveyor export artifacts/language
 	$(BIN)/conveyor export artifacts/sensor
 
-experiment: $(STAMP) ## The full LSTM/GRU/RNN gap sweep (about 30 minutes, one core)
+experiment: $(STAMP) ## The LSTM/GRU/RNN gap sweep: per-cell lr/clip search, G = 1-400 x 3 seeds (~65 min of one core)
 	$(BIN)/conveyor experiment gap-sweep --out reports/gap_sweep
 
-experiment-quick: $(STAMP) ## A reduced gap sweep (minutes)
+experiment-quick: $(STAMP) ## A reduced gap sweep: smaller search, G = 1-50, one seed (~4 min of one core)
 	$(BIN)/conveyor experiment gap-sweep --quick --out reports/gap_sweep_quick
 
 serve: $(STAMP) ## Serve artifacts/language on :50051 (metrics on :9100)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from serving.cli.main import main
 from training.checkpoint import CheckpointError, TaskInfo, load_checkpoint, save_checkpoint
 from training.loop import FitOptions
 from training.model import ModelConfig, SequenceModel
 from training.tasks import UnknownTaskError
 from training.tasks.language import LanguageTask, LanguageTaskConfig
-from training.train import TrainOptions, train
+from training.train import TrainOptionError, TrainOptions, train
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -84,6 +87,43 @@ def test_language_training_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert result.headline_metric == "language_word_acc_worst_bucket"
     assert "language_word_acc_overwrite" in result.metrics
     assert load_checkpoint(tmp_path).task.vocabulary is not None
+
+
+def test_a_short_gap_rnn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small = LanguageTask(LanguageTaskConfig(eval_buckets_words=((0, 10),), eval_sentences_per_bucket=4))
+    monkeypatch.setattr("training.train.get_task", lambda name: small)
+    options = replace(_TINY, cell="rnn", max_gap_words=4, fit=replace(_TINY.fit, learning_rate=3e-3))
+    train("language", tmp_path, options)
+    config = json.loads((tmp_path / "train_config.json").read_text())
+    assert config["model"]["cell"] == "rnn"
+    assert config["task_config"]["train_max_gap_words"] == 4
+    assert config["task_config"]["start_max_gap_words"] == 4  # the curriculum cannot start above the top
+    assert config["options"]["fit"]["learning_rate"] == 3e-3
+    assert load_checkpoint(tmp_path).config.cell == "rnn"
+
+
+def test_a_maximum_gap_is_for_the_language_task_only(tmp_path: Path) -> None:
+    with pytest.raises(TrainOptionError, match="language task only"):
+        train("sensor", tmp_path, replace(_TINY, max_gap_words=4))
+
+
+def test_the_train_command_passes_its_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[TrainOptions] = []
+
+    def fake_train(task: str, out: Path, options: TrainOptions) -> object:
+        seen.append(options)
+        return SimpleNamespace(wall_time_s=0.0, steps=1, headline_metric="m", headline_value=0.0, out_dir=out)
+
+    monkeypatch.setattr("training.train.train", fake_train)
+    flags = (
+        "--cell rnn --hidden-size 93 --max-gap-words 4 --max-steps 2500 --learning-rate 0.01 --grad-clip 0.25"
+    )
+    assert main(["train", "--task", "language", "--out", str(tmp_path), *flags.split()]) == 0
+    assert main(["train", "--task", "language", "--out", str(tmp_path)]) == 0
+    given, default = seen
+    assert (given.cell, given.hidden_size, given.max_gap_words) == ("rnn", 93, 4)
+    assert (given.fit.max_steps, given.fit.learning_rate, given.fit.grad_clip_norm) == (2500, 0.01, 0.25)
+    assert default == TrainOptions()  # no flags: the defaults, unchanged
 
 
 def test_unknown_task(tmp_path: Path) -> None:

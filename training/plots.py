@@ -28,24 +28,36 @@ def plot_curves(history: Mapping[str, Sequence[float]], path: Path, title: str) 
     fig.savefig(path, dpi=110)
 
 
-def plot_sweep(gaps: Sequence[int], accuracy: Mapping[str, np.ndarray], path: Path, title: str) -> None:
-    """Accuracy against gap length, one line per cell (mean over seeds), the band spanning min to max seed.
+def plot_sweep(
+    gaps: Sequence[int],
+    accuracy: Mapping[str, np.ndarray],
+    path: Path,
+    title: str,
+    chance: float | None = None,
+) -> None:
+    """Accuracy against gap length (log), one line per cell (mean over seeds), the band from min to max seed.
 
-    `accuracy[cell]` is (seeds, gaps).
+    `accuracy[cell]` is (seeds, gaps); `chance`, when given, is drawn as a dashed line.
     """
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(9, 4.5))
     ax = fig.subplots()
-    for cell, values in accuracy.items():
-        (line,) = ax.plot(gaps, values.mean(axis=0), "o-", label=cell)
+    # Wider lines and markers first: cells that score the same stay visible one under the other.
+    cells = list(accuracy)
+    for index, cell in enumerate(cells):
+        values, width = accuracy[cell], 1.5 * 2 ** (len(cells) - 1 - index)
+        (line,) = ax.plot(gaps, values.mean(axis=0), "o-", label=cell, linewidth=width, markersize=2 + width)
         ax.fill_between(gaps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.3f})")
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log")
-    ax.set_xticks(list(gaps), labels=[str(g) for g in gaps], minor=False)
+    ax.set_xticks(list(gaps), labels=[str(g) for g in gaps], minor=False, fontsize=8)
     ax.minorticks_off()
-    ax.set_xlabel("gap length (filler words)")
-    ax.set_ylabel("language-word accuracy")
+    ax.set_xlabel("gap length G (filler words)")
+    ax.set_ylabel("language-word accuracy (band: seeds' min-max)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower left")  # the corner no curve reaches: short gaps are learnt by every cell
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

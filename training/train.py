@@ -18,9 +18,14 @@ from training.loop import FitOptions, FitResult, data_rng, fit, seed_everything
 from training.model import CellKind, ModelConfig, SequenceModel, count_parameters
 from training.plots import plot_curves
 from training.tasks import Task, get_task
+from training.tasks.language import LanguageTask
 
 # Independent random streams per purpose, so that changing one (say, more validation) leaves the others.
 TRAIN_DATA, VALIDATION_DATA, EVALUATION_DATA = 0, 1, 2
+
+
+class TrainOptionError(ValueError):
+    """An option that does not apply to the task; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,9 @@ class TrainOptions:
     threads: int = 1
     cell: CellKind | None = None
     hidden_size: int | None = None
+    # The language task's longest training gap (default 200 words): a plain RNN learns the task only at short
+    # gaps. None: the task's own.
+    max_gap_words: int | None = None
     show_progress: bool = True  # tqdm bar and a closing summary on stdout
     fit: FitOptions = field(default_factory=FitOptions)
 
@@ -52,9 +60,12 @@ class TrainResult:
 
 
 def train(task_name: str, out_dir: Path, options: TrainOptions | None = None) -> TrainResult:
-    """Train `task_name`'s model into `out_dir`; raises UnknownTaskError for an unknown task."""
+    """Train `task_name`'s model into `out_dir`.
+
+    Raises UnknownTaskError for an unknown task, TrainOptionError for an option that is not the task's.
+    """
     options = options or TrainOptions()
-    task = get_task(task_name)
+    task = _task(task_name, options)
     config = _model_config(task, options)
     started = time.perf_counter()
     seed_everything(options.seed, options.threads)
@@ -85,6 +96,18 @@ def train(task_name: str, out_dir: Path, options: TrainOptions | None = None) ->
         headline,
         evaluation[headline],
         metrics,
+    )
+
+
+def _task(task_name: str, options: TrainOptions) -> Task:
+    task = get_task(task_name)
+    if options.max_gap_words is None:
+        return task
+    if not isinstance(task, LanguageTask):
+        raise TrainOptionError(f"a maximum gap applies to the language task only, not to {task_name!r}")
+    first = min(task.config.start_max_gap_words, options.max_gap_words)
+    return LanguageTask(
+        replace(task.config, start_max_gap_words=first, train_max_gap_words=options.max_gap_words)
     )
 
 

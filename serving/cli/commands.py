@@ -30,12 +30,23 @@ def train(args: argparse.Namespace) -> None:
     from training.checkpoint import CheckpointError
     from training.loop import FitOptions
     from training.tasks import UnknownTaskError
-    from training.train import TrainOptions
+    from training.train import TrainOptionError, TrainOptions
     from training.train import train as run_training
 
-    fit = FitOptions() if args.max_steps is None else FitOptions(max_steps=args.max_steps)
-    options = TrainOptions(seed=args.seed, hidden_size=args.hidden_size, fit=fit)
-    with _user_errors(UnknownTaskError, CheckpointError, OSError):
+    given = {  # the flags given; the rest keep FitOptions' defaults
+        "max_steps": args.max_steps,
+        "learning_rate": args.learning_rate,
+        "grad_clip_norm": args.grad_clip,
+    }
+    fit = FitOptions(**{name: value for name, value in given.items() if value is not None})
+    options = TrainOptions(
+        seed=args.seed,
+        cell=args.cell,
+        hidden_size=args.hidden_size,
+        max_gap_words=args.max_gap_words,
+        fit=fit,
+    )
+    with _user_errors(UnknownTaskError, TrainOptionError, CheckpointError, OSError):
         result = run_training(args.task, args.out, options)
     print(
         f"trained {args.task} in {result.wall_time_s:.1f} s ({result.steps} steps): "

@@ -2,20 +2,25 @@
 
 It starts a server in this process on free ports, then streams one session over several calls, each on a new
 connection, so that the only thing linking "france" to the prediction after "fluent" is the cell state the
-server carried between calls. A fresh session then asks the same last question without that memory. Last, a
-latency summary read from the server's /metrics, and a clean shutdown.
+server carried between calls. A fresh session then asks the same last question without that memory. Then the
+same calls through a served plain RNN, which carries the country over a short gap (asked right after
+"france") but loses it over the story's long one: the two models' p(french) side by side. Last, a latency
+summary read from the LSTM server's /metrics, and a clean shutdown.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from serving.cli.demo_models import LSTM_RECIPE, RNN_RECIPE, DemoModelError, ensure_model
 from serving.cli.stream import StreamError, encode_text, top_k
 from serving.client import ConveyorClient, ConveyorError, ModelInfo, Outputs
 from serving.client.scrape import scrape
@@ -32,6 +37,10 @@ FILLER = (
 )
 QUESTION = "i speak fluent"
 CALLS = 1 + len(FILLER) + 1  # the remembering session's calls: opening, filler, question
+SHORT = f"{OPENING} {QUESTION}"  # the same question a few words after "france"
+# Words between "france" and "fluent": the opening's ".", the filler, then "i speak".
+LONG_GAP_WORDS = 1 + sum(len(text.split()) for text in FILLER) + 2
+SHORT_GAP_WORDS = 1 + 2
 SERVER_GRACE_S = 2.0
 
 
@@ -45,6 +54,7 @@ class DemoOptions:
 
     artifacts: Path = Path("artifacts")
     model: str = "language"
+    rnn_model: str = "language-rnn"  # the plain RNN, trained at short gaps (RNN_TRAINING) when missing
     train_max_steps: int | None = None  # None: the training defaults (minutes); tests pass a few steps
 
 
@@ -68,6 +78,15 @@ class Latency:
 
 
 @dataclass(frozen=True)
+class Answers:
+    """A model's prediction after "i speak fluent": across the story's long gap, and a few words after
+    "france" (the opening and the question in one call)."""
+
+    long_gap: Prediction
+    short_gap: Prediction
+
+
+@dataclass(frozen=True)
 class DemoResult:
     """What the story showed."""
 
@@ -76,52 +95,47 @@ class DemoResult:
     remembered: Prediction  # after "i speak fluent", with the carried state
     fresh: Prediction  # the same question on a fresh session
     latency: Latency
+    short_gap: Prediction  # the LSTM, asked right after the opening
+    rnn: Answers  # the same questions to a plain RNN
 
 
 def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoResult:
-    """Tell the story through an in-process server on free ports; raises DemoError when it cannot."""
+    """Tell the story through in-process servers on free ports; raises DemoError when it cannot."""
     out = out or sys.stdout
-    directory = options.artifacts / options.model
-    ensure_artifact(directory, options, out)
+    lstm_dir, rnn_dir = options.artifacts / options.model, options.artifacts / options.rnn_model
+    try:
+        ensure_model(lstm_dir, LSTM_RECIPE, out, options.train_max_steps)
+        ensure_model(rnn_dir, RNN_RECIPE, out, options.train_max_steps)
+    except DemoModelError as exc:
+        raise DemoError(str(exc)) from None
+    with _serving(lstm_dir) as (target, metrics_url):
+        info = _describe_model(target, metrics_url, out)
+        remembered, fresh, session_id = _tell_story(target, info, out)
+        short_gap = _ask_at_a_short_gap(target, info, remembered.word)
+        latency = read_latency(metrics_url)
+    with _serving(rnn_dir) as (target, _):
+        rnn = _ask_the_rnn(target, remembered.word, out)
+    lstm = Answers(remembered, short_gap)
+    _print_side_by_side(lstm, rnn, fresh, out)
+    _print_latency(latency, out)
+    print("servers stopped", file=out)
+    return DemoResult(session_id, CALLS, remembered, fresh, latency, short_gap, rnn)
+
+
+@contextmanager
+def _serving(directory: Path) -> Iterator[tuple[str, str]]:
+    """A server for `directory` on free ports: its gRPC target and /metrics URL; stopped on exit."""
     config = ServerConfig(model_dir=directory, port=0, metrics_port=0)
     try:
         server = build_server(config, registry=CollectorRegistry())
     except (ModelLoadError, OSError) as exc:
         raise DemoError(f"cannot start the server: {exc}") from None
     try:
-        target = f"127.0.0.1:{server.port}"
-        metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        info = _describe_model(target, metrics_url, out)
-        remembered, fresh, session_id = _tell_story(target, info, out)
-        latency = read_latency(metrics_url)
+        yield f"127.0.0.1:{server.port}", f"http://127.0.0.1:{server.metrics_port}/metrics"
     except (ConveyorError, StreamError) as exc:
         raise DemoError(f"the story failed: {exc}") from None
     finally:
         server.stop(SERVER_GRACE_S)
-    _print_latency(latency, out)
-    print("server stopped", file=out)
-    return DemoResult(session_id, CALLS, remembered, fresh, latency)
-
-
-def ensure_artifact(directory: Path, options: DemoOptions, out: TextIO) -> None:
-    """Train and export the language model into `directory` unless its model.onnx is there already."""
-    if (directory / "model.onnx").is_file():
-        return
-    print(f"no model at {directory}: training and exporting one first", file=out)
-    try:
-        from export import ExportError, export_artifact
-        from training.loop import FitOptions
-        from training.train import TrainOptions, train
-    except ImportError as exc:
-        raise DemoError(f"training needs the train extra (pip install -e '.[train]'): {exc}") from None
-    fit = FitOptions()
-    if options.train_max_steps is not None:
-        fit = replace(fit, max_steps=options.train_max_steps)
-    try:
-        train("language", directory, TrainOptions(fit=fit))
-        export_artifact(directory)
-    except (ExportError, OSError) as exc:
-        raise DemoError(f"cannot make the language model: {exc}") from None
 
 
 def read_latency(metrics_url: str) -> Latency:
@@ -144,7 +158,7 @@ def _describe_model(target: str, metrics_url: str, out: TextIO) -> ModelInfo:
         info = client.model_info()
     if not info.takes_tokens or not info.vocabulary:
         raise DemoError(f"the demo needs the language model; {info.name!r} is a {info.input_kind} model")
-    print(f"model   {info.name}: LSTM {info.layers} x {info.hidden}, {len(info.vocabulary)} words", file=out)
+    print(f"model   {info.name}: {_shape(info)}, {len(info.vocabulary)} words", file=out)
     print(f"        fingerprint {info.fingerprint[:16]}", file=out)
     print(f"server  {target} (gRPC), {metrics_url}", file=out)
     return info
@@ -178,6 +192,41 @@ def _tell_story(target: str, info: ModelInfo, out: TextIO) -> tuple[Prediction, 
     return remembered, fresh, session_id
 
 
+def _ask_the_rnn(target: str, answer: str, out: TextIO) -> Answers:
+    """The story's calls, then the short question, through a plain RNN; prints what it says."""
+    with ConveyorClient(target) as client:
+        client.wait_for_ready(timeout_s=10)
+        info = client.model_info()
+    print(f"\nthe same {CALLS} calls through a plain RNN ({_shape(info)}, trained at short gaps):", file=out)
+    session_id, offset = "", 0
+    for text in (OPENING, *FILLER):
+        session_id, offset, _ = _call(target, info, text, session_id, offset)
+    _, steps, logits = _call(target, info, QUESTION, session_id, offset, end=True)
+    long_gap = _prediction(logits, info, answer)
+    _print_call(out, CALLS, (offset, steps), QUESTION, _shown(long_gap, answer))
+    short_gap = _ask_at_a_short_gap(target, info, answer)
+    _print_call(out, CALLS + 1, (0, len(SHORT.split())), SHORT, _shown(short_gap, answer))
+    return Answers(long_gap, short_gap)
+
+
+def _ask_at_a_short_gap(target: str, info: ModelInfo, answer: str) -> Prediction:
+    """The opening and the question in one call, on a fresh session."""
+    _, _, logits = _call(target, info, SHORT, "", 0, end=True)
+    return _prediction(logits, info, answer)
+
+
+def _print_side_by_side(lstm: Answers, rnn: Answers, fresh: Prediction, out: TextIO) -> None:
+    question = f"p({lstm.long_gap.word}) after 'i speak fluent'"
+    print(f"\n{question:<50}  LSTM    RNN", file=out)
+    rows = (
+        (f"'france' {LONG_GAP_WORDS} words back, over {CALLS} calls", lstm.long_gap, rnn.long_gap),
+        (f"'france' {SHORT_GAP_WORDS} words back, in one call", lstm.short_gap, rnn.short_gap),
+    )
+    for label, left, right in rows:
+        print(f"  {label:<48} {left.probability_of_answer:.3f}   {right.probability_of_answer:.3f}", file=out)
+    print(f"  {'never told (a fresh session)':<48} {fresh.probability_of_answer:.3f}", file=out)
+
+
 def _call(
     target: str, info: ModelInfo, text: str, session_id: str, offset: int, end: bool = False
 ) -> tuple[str, int, np.ndarray]:
@@ -190,6 +239,10 @@ def _call(
         )
         logits = session.send(encode_text(text, info.vocabulary), end=end)
         return session.session_id or "", session.offset, logits[-1]
+
+
+def _shape(info: ModelInfo) -> str:
+    return f"{info.cell.upper()} {info.layers} x {info.hidden}"
 
 
 def _prediction(logits: np.ndarray, info: ModelInfo, answer: str | None = None) -> Prediction:

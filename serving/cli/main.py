@@ -70,12 +70,25 @@ def _add_train(sub: Subparsers) -> None:
     # Sizes and budgets other than the task's own: e.g. a wider model to benchmark the server with.
     p.add_argument("--hidden-size", type=_positive, help="hidden units (default: the task's, 64)")
     p.add_argument("--max-steps", type=_positive, help="optimisation steps (default 3000)")
+    p.add_argument("--cell", choices=["lstm", "gru", "rnn"], help="recurrent cell (default: lstm)")
+    p.add_argument("--learning-rate", type=_positive_float, help="Adam's first learning rate (default 0.01)")
+    p.add_argument("--grad-clip", type=_positive_float, help="gradient-norm clipping (default 1.0)")
+    p.add_argument(
+        "--max-gap-words", type=_positive, help="language task: longest training gap (default 200 words)"
+    )
 
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return value
 
 
