@@ -16,6 +16,10 @@ RNN_MAX_GAP_WORDS = 4
 RNN_LEARNING_RATE = 0.01
 RNN_GRAD_CLIP = 0.25
 RNN_MAX_STEPS = 2500
+# ONNX Runtime's tanh is a polynomial approximation; a plain RNN feeds every step's rounding into the next, so
+# over a 50-word sentence its outputs drift from PyTorch's by up to ~2e-5 (scaled), past the 1e-5 our LSTMs
+# keep. The RNN is exported at 5e-5, recorded in its card; chunked runs still equal whole runs exactly.
+RNN_EXPORT_TOLERANCE = 5e-5
 
 
 class DemoModelError(Exception):
@@ -32,11 +36,18 @@ class ModelRecipe:
     learning_rate: float | None = None  # None: the training default
     grad_clip: float | None = None
     max_steps: int | None = None
+    export_tolerance: float | None = None  # None: the export's default (1e-5)
 
 
 LSTM_RECIPE = ModelRecipe("lstm")
 RNN_RECIPE = ModelRecipe(
-    "rnn", RNN_HIDDEN, RNN_MAX_GAP_WORDS, RNN_LEARNING_RATE, RNN_GRAD_CLIP, RNN_MAX_STEPS
+    "rnn",
+    RNN_HIDDEN,
+    RNN_MAX_GAP_WORDS,
+    RNN_LEARNING_RATE,
+    RNN_GRAD_CLIP,
+    RNN_MAX_STEPS,
+    RNN_EXPORT_TOLERANCE,
 )
 
 
@@ -66,6 +77,9 @@ def ensure_model(directory: Path, recipe: ModelRecipe, out: TextIO, max_steps: i
     )
     try:
         train("language", directory, options)
-        export_artifact(directory)
+        if recipe.export_tolerance is None:
+            export_artifact(directory)
+        else:
+            export_artifact(directory, tolerance=recipe.export_tolerance)
     except (ExportError, OSError) as exc:
         raise DemoModelError(f"cannot make the {recipe.cell} language model: {exc}") from None
