@@ -33,6 +33,7 @@ def _micro(model_dir: Path) -> BenchOptions:
         chunk_steps=(3,),
         histories=(5,),
         stateless_sessions=(1,),
+        one_stream_sessions=(3,),
         channels=2,
         warmup_s=0.1,
         seconds=0.3,
@@ -59,9 +60,11 @@ def test_every_mode_gives_complete_sane_rows(token_artifact: Path, tmp_path: Pat
         if row.mode == "ort_floor":
             assert row.channels == 0 and row.mean_batch == 2 and row.load_cpu_s_per_1k_steps is None
         else:
-            assert row.channels == min(2, row.sessions)
+            one_stream = row.mode == "one_stream"  # every session on one stream, 1-step chunks
+            assert row.channels == (1 if one_stream else min(2, row.sessions))
+            assert not one_stream or (row.sessions, row.chunk_steps) == (3, 1)
             assert row.load_cpu_s_per_1k_steps is not None and row.load_cpu_s_per_1k_steps >= 0
-        if row.mode in ("batched", "durable", "unbatched", "stateless"):
+        if row.mode in ("batched", "one_stream", "durable", "unbatched", "stateless"):
             assert row.mean_batch is not None and 1 <= row.mean_batch <= row.sessions
         if row.mode == "unbatched":
             assert row.mean_batch == 1
@@ -103,9 +106,12 @@ def test_flags_pick_the_grid_and_quick_keeps_explicit_ones(tmp_path: Path) -> No
     add_arguments(parser)
     quick = options_from_args(parser.parse_args(["--model", str(tmp_path), "--quick", "--seconds", "0.5"]))
     assert quick.sessions == (1, 64) and quick.seconds == 0.5 and quick.model_dir == tmp_path
-    target = options_from_args(parser.parse_args(["--target", "127.0.0.1:1", "--sessions", "1,16"]))
+    assert quick.one_stream_sessions == (64,)
+    argv = ["--target", "127.0.0.1:1", "--sessions", "1,16", "--one-stream-sessions", "8"]
+    target = options_from_args(parser.parse_args(argv))
     assert target.model_dir is None and target.sessions == (1, 16)
-    assert {cell.mode for cell in plan(target)} == {"batched", "stateless"}
+    assert {cell.mode for cell in plan(target)} == {"batched", "one_stream", "stateless"}
+    assert [(c.sessions, c.channels) for c in plan(target) if c.mode == "one_stream"] == [(8, 1)]
     for bad in ({"model_dir": tmp_path, "modes": ("warp",)}, {}, {"model_dir": tmp_path, "seconds": 0}):
         with pytest.raises(BenchError):
             BenchOptions(**bad)  # type: ignore[arg-type]

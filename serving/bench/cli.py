@@ -19,6 +19,7 @@ _FIELDS = (
     "sessions",
     "chunk_steps",
     "histories",
+    "one_stream_sessions",
     "channels",
     "seconds",
     "warmup_s",
@@ -39,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sessions", type=_counts, help=f"comma list (default {_show(full.sessions)})")
     add("--chunk-steps", type=_counts, help=f"comma list (default {_show(full.chunk_steps)})")
     add("--histories", type=_counts, help=f"history lengths (default {_show(full.histories)})")
+    add(
+        "--one-stream-sessions",
+        type=_counts,
+        help=f"one_stream's sessions, all on one stream (default {_show(full.one_stream_sessions)})",
+    )
     add("--channels", type=int, help=f"gRPC connections of the load process (default {full.channels})")
     add("--seconds", type=float, help=f"measured per cell (default {full.seconds}; quick {fast.seconds})")
     add("--warmup-s", type=float, help=f"warm-up per cell (default {full.warmup_s}; quick {fast.warmup_s})")

@@ -2,6 +2,8 @@
 
 Modes:
     batched    the real server (cross-session batching up to `max_batch_size`), sessions in memory
+    one_stream the same server, every session multiplexed on one Stream of one channel (1-step chunks): what a
+               client that funnels many sessions through one connection gets
     durable    the same server with its sessions in the Redis store at `--store` (run only when given)
     unbatched  the real server with max batch size 1
     stateless  the real server used as a stateless one: each call a fresh session (start + end) carrying the
@@ -16,8 +18,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-MODES = ("batched", "durable", "unbatched", "stateless", "ort_floor", "echo")
-SERVER_MODES = ("batched", "stateless")  # the modes that can drive a server started by someone else
+MODES = ("batched", "one_stream", "durable", "unbatched", "stateless", "ort_floor", "echo")
+SERVER_MODES = ("batched", "one_stream", "stateless")  # the modes that can drive a server started elsewhere
 
 
 class BenchError(Exception):
@@ -35,6 +37,7 @@ class BenchOptions:
     chunk_steps: tuple[int, ...] = (1, 32)
     histories: tuple[int, ...] = (100, 1000)  # history lengths for stateless, and for batched at 1 session
     stateless_sessions: tuple[int, ...] = (1, 16)
+    one_stream_sessions: tuple[int, ...] = (16, 64)  # one_stream's, 1-step chunks
     channels: int = 16  # gRPC channels (connections) of the load process; a cell uses at most one per session
     warmup_s: float = 1.0  # per cell, before measuring
     seconds: float = 4.0  # measured per cell
@@ -50,6 +53,7 @@ class BenchOptions:
         if unknown:
             raise BenchError(f"unknown modes {sorted(unknown)}: choose from {', '.join(MODES)}")
         counts = (*self.sessions, *self.chunk_steps, *self.histories, *self.stateless_sessions)
+        counts += self.one_stream_sessions
         if min(counts, default=1) < 1 or min(self.channels, self.max_batch_size, self.repeats) < 1:
             raise BenchError("sessions, chunk steps, histories, channels, batch sizes, repeats must be >= 1")
         if self.seconds <= 0 or self.warmup_s < 0:
@@ -66,7 +70,14 @@ def require_model(model_dir: Path) -> None:
 
 def quick(options: BenchOptions) -> BenchOptions:
     """The `--quick` grid: the sessions the targets name, short cells; well under two minutes."""
-    return replace(options, sessions=(1, 64), stateless_sessions=(1,), warmup_s=0.5, seconds=1.5)
+    return replace(
+        options,
+        sessions=(1, 64),
+        stateless_sessions=(1,),
+        one_stream_sessions=(64,),
+        warmup_s=0.5,
+        seconds=1.5,
+    )
 
 
 @dataclass(frozen=True)
@@ -112,11 +123,14 @@ def plan(options: BenchOptions) -> list[Cell]:
         modes.remove("durable")
     cells: list[Cell] = []
     for mode in modes:
+        channels = options.channels
         if mode == "stateless":
             grid = [(s, 1, h) for h in options.histories for s in options.stateless_sessions]
+        elif mode == "one_stream":
+            grid, channels = [(s, 1, 0) for s in options.one_stream_sessions], 1
         else:
             grid = [(s, t, 0) for t in options.chunk_steps for s in options.sessions]
             if mode == "batched":  # the stateful side of the history comparison
                 grid += [(1, 1, h) for h in options.histories]
-        cells += [Cell(mode, s, t, h, min(options.channels, s)) for s, t, h in grid]
+        cells += [Cell(mode, s, t, h, min(channels, s)) for s, t, h in grid]
     return sorted(cells, key=lambda c: (c.chunk_steps, c.history_steps, c.sessions, MODES.index(c.mode)))

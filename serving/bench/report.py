@@ -11,7 +11,7 @@ from serving.bench.grid import Row
 
 # (row key, title, width, format suffix); the first column is left-aligned, the rest right.
 _COLUMNS = (
-    ("mode", "mode", 9, ""),
+    ("mode", "mode", 10, ""),
     ("sessions", "sessions", 8, "d"),
     ("chunk_steps", "chunk", 5, "d"),
     ("history_steps", "history", 7, "d"),

@@ -47,7 +47,7 @@ def check_targets(rows: Sequence[Row]) -> list[Check]:
     """Every target of the brief that `rows` can tell, met or not."""
     r = _Rows(rows)
     b64, b64_32, b1 = r.get("batched", 64), r.get("batched", 64, 32), r.get("batched", 1)
-    durable64 = r.get("durable", 64)
+    durable64, one64 = r.get("durable", 64), r.get("one_stream", 64)
     stateful_1000, stateless_1000 = r.get("batched", 1, 1, 1000), r.get("stateless", 1, 1, 1000)
     echo1, floor1 = r.get("echo", 1), r.get("ort_floor", 1)
     floors = (
@@ -84,6 +84,24 @@ def check_targets(rows: Sequence[Row]) -> list[Check]:
             "64 sessions x 32 steps: batched / ort_floor steps/s",
             r.ratio(b64_32, r.get("ort_floor", 64, 32), steps),
             0.4,
+            True,
+        ),
+        Check(
+            "64 sessions x 1 step: one stream / 16 channels server CPU per chunk",
+            r.ratio(one64, b64, cpu),
+            1,
+            False,
+        ),
+        Check(
+            "64 sessions x 1 step, one stream: server CPU ms per chunk",
+            None if one64 is None else one64.cpu_s_per_1k_steps,
+            0.15,
+            False,
+        ),
+        Check(
+            "64 sessions x 1 step, one stream: steps/s",
+            None if one64 is None else one64.timesteps_per_s,
+            5000,
             True,
         ),
         Check("1 session x 1 step: batched p50 / (echo p50 + ort_floor p50)", floors, 1.3, False),

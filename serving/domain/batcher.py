@@ -4,6 +4,7 @@ Only chunks of the same length share a batch: a shorter row padded to a longer o
 state, so grouping by length keeps every row's output exactly what it would be alone. The caller (the engine)
 sends at most one chunk per session at a time, so reordering across sessions never reorders a session, and the
 queue is bounded by the number of live sessions.
+A chunk whose answer will wait behind others anyway is held for company (`serving.domain.backlog`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from serving.domain.backlog import HOLD_MAX_S, Backlog
 from serving.domain.errors import ShuttingDownError
 from serving.domain.runner import StepRunner
 
@@ -56,6 +58,7 @@ class _Pending:
     x: np.ndarray  # [rows, time] or [rows, time, features]: one chunk (one row), or a frame's block
     states: np.ndarray  # [rows, state size]
     future: asyncio.Future[RowResult]
+    backlog: Backlog | None  # None: its answer goes out at once, so it never waits for company
     enqueued_s: float = field(default_factory=time.perf_counter)
 
 
@@ -87,27 +90,32 @@ class Batcher:
         # The loop the first chunk arrived on; kept, because asking asyncio for it costs a system call.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_due: asyncio.Handle | None = None
+        self._held = False  # what waits is held for company: `_flush_due` ends the hold at the latest
         # One thread: batches run one at a time, and chunks arriving meanwhile form the next batch.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-runner")
         self._cost = _BatchCost()
         self._closed = False
 
-    async def run(self, x: np.ndarray, state: np.ndarray) -> RowResult:
-        """Run one session's chunk `x` from `state`; returns its outputs [time, outputs] and its new state."""
-        y, new_states = await self.run_block(x[None], state[None])
+    async def run(self, x: np.ndarray, state: np.ndarray, backlog: Backlog | None = None) -> RowResult:
+        """Run one session's chunk `x` from `state`; returns its outputs [time, outputs] and its new state.
+        `backlog`: the queue its answer joins, if others may be ahead in it."""
+        y, new_states = await self.run_block(x[None], state[None], backlog)
         return y[0], new_states[0]
 
-    async def run_block(self, x: np.ndarray, states: np.ndarray) -> RowResult:
+    async def run_block(self, x: np.ndarray, states: np.ndarray, backlog: Backlog | None = None) -> RowResult:
         """Run many sessions' chunks of one length, `x` [rows, time, ...] from `states` [rows, state size], in
         one batch with whatever else of that length waits; returns y [rows, time, outputs] and the new rows.
         A block is never split, so it may exceed max_batch_size alone."""
         if self._closed:
             raise ShuttingDownError()
         loop = self._loop = self._loop or asyncio.get_running_loop()
-        item = _Pending(x, states, loop.create_future())
+        item = _Pending(x, states, loop.create_future(), backlog)
         self._pending.append(item)
         self._pending_rows += len(x)
-        self._schedule()
+        if self._held and (backlog is None or not backlog.ahead()):
+            self._wake()  # its answer would go out at once: what is held runs with it
+        else:
+            self._schedule()
         return await item.future
 
     def close(self) -> None:
@@ -153,10 +161,33 @@ class Batcher:
 
     def _flush(self) -> None:
         self._flush_due = None
+        if self._hold():
+            return
+        self._held = False
         batch = self._take()
         if batch:
             self._start(batch)
         self._schedule()
+
+    def _hold(self) -> bool:
+        """Hold what waits (once per batch) when every caller's answer would queue behind others anyway; a
+        drained backlog, a caller without one, a full batch or `HOLD_MAX_S` ends the hold."""
+        if self._held or not self._pending or self._pending_rows >= self._max_batch_size:
+            return False
+        backlogs = {item.backlog for item in self._pending}
+        ahead = [backlog for backlog in backlogs if backlog is not None and backlog.ahead()]
+        if len(ahead) < len(backlogs):
+            return False
+        self._held = True
+        self._flush_due = self._bound_loop.call_later(HOLD_MAX_S, self._flush)
+        for backlog in ahead:
+            backlog.on_drain(self._wake)
+        return True
+
+    def _wake(self) -> None:
+        if self._held and isinstance(self._flush_due, asyncio.TimerHandle):
+            self._flush_due.cancel()
+            self._flush_due = self._bound_loop.call_soon(self._flush)
 
     def _take(self) -> list[_Pending]:
         # The oldest chunk's length picks the group, so no length waits forever behind busier ones.

@@ -10,6 +10,7 @@ from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
+from serving.domain.backlog import Backlog
 from serving.domain.batcher import Batcher
 from serving.domain.chunks import (
     Chunk,
@@ -60,6 +61,7 @@ class _Job(NamedTuple):  # a tuple: built for every chunk, and cheaper to build 
     chunk: Chunk
     digest: bytes  # identifies a repeat of the same chunk
     watcher: Watcher | None
+    backlog: Backlog | None = None  # the queue its answer joins (the batcher may hold it for company)
 
 
 class _Run(NamedTuple):
@@ -95,13 +97,16 @@ class Engine:
         sessions.add_listener(self._quotas)
         sessions.add_listener(self._count_end)
 
-    async def step(self, chunk: Chunk, watcher: Watcher | None = None) -> ChunkResult:
-        """Apply `chunk` (or answer its repeat); `watcher` is then told when the session ends.
+    async def step(
+        self, chunk: Chunk, watcher: Watcher | None = None, backlog: Backlog | None = None
+    ) -> ChunkResult:
+        """Apply `chunk` (or answer its repeat); `watcher` is then told when the session ends; `backlog` is
+        the queue its answer joins (`serving.domain.backlog`).
 
         Raises a `ServingError` subclass on any contract violation, leaving the session's state unchanged.
         """
         self._admission.check_open()
-        job = self._job(chunk, watcher)
+        job = self._job(chunk, watcher, backlog)
         async with self._admission.hold(job.key):
             return await self._applied(job)
 
@@ -157,16 +162,17 @@ class Engine:
         self._closed = True
         await self._sessions.shutdown()
 
-    def _job(self, chunk: Chunk, watcher: Watcher | None) -> _Job:
+    def _job(self, chunk: Chunk, watcher: Watcher | None, backlog: Backlog | None = None) -> _Job:
         validate(chunk, self.model)
         session_id = chunk.session_id or uuid.uuid4().hex
-        return _Job(session_id, session_key(chunk.namespace, session_id), chunk, chunk_digest(chunk), watcher)
+        key = session_key(chunk.namespace, session_id)
+        return _Job(session_id, key, chunk, chunk_digest(chunk), watcher, backlog)
 
     async def _apply_or_replay(self, job: _Job) -> ChunkResult:
         judged = await self._judge(job)
         if isinstance(judged, ChunkResult):
             return judged
-        y, new_state = await self._batcher.run(job.chunk.inputs, judged.state)
+        y, new_state = await self._batcher.run(job.chunk.inputs, judged.state, job.backlog)
         return await self._commit(judged, y, new_state)
 
     async def _applied(self, job: _Job) -> ChunkResult:

@@ -14,6 +14,10 @@ from serving.wire import pb
 
 Message = TypeVar("Message", pb.StreamResponse, pb.FrameResponse)
 
+# A stream's answers are `ahead` of a new one (`serving.domain.backlog`) while more than this many wait to be
+# sent: a batch released as the queue drains to it is answered while that many are still being sent.
+_AHEAD = 1
+
 
 @dataclass(frozen=True)
 class StreamLimits:
@@ -46,7 +50,8 @@ class Outbox(Generic[Message]):
     the server hold at most max(`max_bytes`, one chunk) for it, and gRPC's flow control then stops its writes.
 
     A deque and one future rather than an asyncio.Queue: every message passes through here, and each
-    Queue.get asks asyncio for the running loop, which costs a system call."""
+    Queue.get asks asyncio for the running loop, which costs a system call. It is also the `Backlog` its
+    chunks' answers join: the batcher holds a chunk for company while answers wait ahead of its own."""
 
     def __init__(
         self,
@@ -59,6 +64,7 @@ class Outbox(Generic[Message]):
         self._loop = loop
         self._ready: asyncio.Future[None] | None = None  # the sender waits on it while the queue is empty
         self._room: asyncio.Future[None] | None = None  # the reader waits on it while the stream is full
+        self._drained: Callable[[], None] | None = None  # told once the queue is down to `_AHEAD`
         self._window = limits.window
         self._max_bytes = limits.max_bytes
         self._unanswered = 0
@@ -77,6 +83,17 @@ class Outbox(Generic[Message]):
             await self._room
         self._unanswered += 1
         self.held_bytes += cost
+
+    def ahead(self) -> bool:
+        """Whether more than `_AHEAD` messages wait to be sent (`serving.domain.backlog.Backlog`)."""
+        return len(self._queue) > _AHEAD
+
+    def on_drain(self, wake: Callable[[], None]) -> None:
+        """Call `wake` once, when no more than `_AHEAD` messages wait to be sent (at once if that is so)."""
+        if self.ahead():
+            self._drained = wake
+        else:
+            wake()
 
     def answer(self, response: Message, cost: int) -> None:
         """Queue the response or error of a chunk `reserve`d at `cost`."""
@@ -109,6 +126,9 @@ class Outbox(Generic[Message]):
                 self._ready = self._loop.create_future()
                 await self._ready
             item = queue.popleft()
+            if self._drained is not None and len(queue) <= _AHEAD:
+                wake, self._drained = self._drained, None
+                wake()
             if item is None:
                 return
             response, cost = item

@@ -11,6 +11,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
 
+from serving.domain.backlog import Backlog
 from serving.domain.engine import Engine
 from serving.domain.errors import InvalidChunkError, UnauthenticatedError
 from serving.domain.notices import Watcher
@@ -194,7 +195,8 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         cost: int,
     ) -> None:
         response = pb.StreamResponse()
-        error = await self._answer(request, received, response.chunk, namespace, outbox.watcher)
+        # The outbox is the queue the answer joins: behind other answers, the chunk may wait for company.
+        error = await self._answer(request, received, response.chunk, namespace, outbox.watcher, outbox)
         if error is not None:
             outbox.answer(pb.StreamResponse(error=error), cost)
         else:
@@ -235,10 +237,11 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         response: pb.ChunkResponse,
         namespace: str,
         watcher: Watcher | None = None,
+        backlog: Backlog | None = None,
     ) -> pb.ChunkError | None:
         """Write the chunk's result into `response`, or return its error."""
         try:
-            result = await self._engine.step(chunk_from_pb(request, namespace), watcher)
+            result = await self._engine.step(chunk_from_pb(request, namespace), watcher, backlog)
         except Exception as exc:
             code, message = status_for(exc)
             self._metrics.chunk_answered(time.perf_counter() - received, code.name)
