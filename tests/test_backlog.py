@@ -52,7 +52,7 @@ class Batches:
     def __init__(self) -> None:
         self.sizes: list[int] = []
 
-    def observe_queue_wait(self, seconds: float) -> None:
+    def observe_queue_wait(self, seconds: float, chunks: int = 1) -> None:
         pass
 
     def observe_batch(self, size: int, inference_s: float) -> None:

@@ -26,8 +26,8 @@ class RecordingMetrics:
         self.queue_waits: list[float] = []
         self.batches: list[tuple[int, float]] = []
 
-    def observe_queue_wait(self, seconds: float) -> None:
-        self.queue_waits.append(seconds)
+    def observe_queue_wait(self, seconds: float, chunks: int = 1) -> None:
+        self.queue_waits += [seconds] * chunks
 
     def observe_batch(self, size: int, inference_s: float) -> None:
         self.batches.append((size, inference_s))

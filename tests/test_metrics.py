@@ -23,6 +23,34 @@ def test_histograms_resolve_sub_millisecond_times() -> None:
     assert sum(bound < 1e-3 for bound in LATENCY_BUCKETS_S) == 4
 
 
+def test_a_frames_reports_equal_as_many_single_reports() -> None:
+    """Counting a frame's chunks in one call writes what one call per chunk writes, bucket for bucket."""
+    once, each = CollectorRegistry(), CollectorRegistry()
+    bulk, single = ConveyorMetrics(once), ConveyorMetrics(each)
+    for latency, chunks in ((0.0003, 64), (0.00005, 3), (0.004, 1), (20.0, 2)):
+        bulk.chunk_answered(latency, chunks=chunks)
+        bulk.observe_queue_wait(latency, chunks)
+        bulk.chunks_applied(chunks, chunks)
+        for _ in range(chunks):
+            single.chunk_answered(latency)
+            single.observe_queue_wait(latency)
+            single.chunks_applied(chunks)
+    bulk.chunk_answered(0.001, "ABORTED", chunks=5)
+    for _ in range(5):
+        single.chunk_answered(0.001, "ABORTED")
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(once) == pytest.approx(samples(each))
+    assert once.get_sample_value("conveyor_chunk_latency_seconds_count") == 75
+
+
 def test_every_report_lands_in_its_metric() -> None:
     registry = CollectorRegistry()
     metrics = ConveyorMetrics(registry)
@@ -32,7 +60,7 @@ def test_every_report_lands_in_its_metric() -> None:
     metrics.observe_batch(8, 0.0004)
     metrics.session_started()
     metrics.session_ended("ttl", 120.0, 42)
-    metrics.chunk_applied(5)
+    metrics.chunks_applied(5)
     metrics.chunk_answered(0.0003)
     metrics.chunk_answered(0.0001, "ABORTED")
     metrics.chunk_answered(0.0001, "ABORTED")

@@ -4,11 +4,14 @@ Modes:
     batched    the real server (cross-session batching up to `max_batch_size`), sessions in memory
     one_stream the same server, every session multiplexed on one Stream of one channel (1-step chunks): what a
                client that funnels many sessions through one connection gets
+    frames     the same server through the Frames RPC: every session on one stream of one channel, packed
+               into two frames in flight (one chunk per session each), so the server computes one while the
+               other travels; each frame's next leaves when its result arrives
     durable    the same server with its sessions in the Redis store at `--store` (run only when given)
     unbatched  the real server with max batch size 1
     stateless  the real server used as a stateless one: each call a fresh session (start + end) carrying the
                whole history, as a stateless server's client must; one new step per call
-    ort_floor  ONNX Runtime in process at the same batch and chunk length: no server, no transport
+    ort_floor  ONNX Runtime in process, every session's chunk in one batch: no server, no transport
     echo       a gRPC server answering with a response of the same size and no model: the transport floor
 """
 
@@ -18,8 +21,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-MODES = ("batched", "one_stream", "durable", "unbatched", "stateless", "ort_floor", "echo")
-SERVER_MODES = ("batched", "one_stream", "stateless")  # the modes that can drive a server started elsewhere
+MODES = ("batched", "one_stream", "frames", "durable", "unbatched", "stateless", "ort_floor", "echo")
+SERVER_MODES = (
+    "batched",
+    "one_stream",
+    "frames",
+    "stateless",
+)  # the modes that can drive a server started elsewhere
 
 
 class BenchError(Exception):
@@ -38,6 +46,7 @@ class BenchOptions:
     histories: tuple[int, ...] = (100, 1000)  # history lengths for stateless, and for batched at 1 session
     stateless_sessions: tuple[int, ...] = (1, 16)
     one_stream_sessions: tuple[int, ...] = (16, 64)  # one_stream's, 1-step chunks
+    frame_sessions: tuple[int, ...] = (64, 256)  # frames', at every chunk length
     channels: int = 16  # gRPC channels (connections) of the load process; a cell uses at most one per session
     warmup_s: float = 1.0  # per cell, before measuring
     seconds: float = 4.0  # measured per cell
@@ -53,7 +62,7 @@ class BenchOptions:
         if unknown:
             raise BenchError(f"unknown modes {sorted(unknown)}: choose from {', '.join(MODES)}")
         counts = (*self.sessions, *self.chunk_steps, *self.histories, *self.stateless_sessions)
-        counts += self.one_stream_sessions
+        counts += self.one_stream_sessions + self.frame_sessions
         if min(counts, default=1) < 1 or min(self.channels, self.max_batch_size, self.repeats) < 1:
             raise BenchError("sessions, chunk steps, histories, channels, batch sizes, repeats must be >= 1")
         if self.seconds <= 0 or self.warmup_s < 0:
@@ -128,8 +137,13 @@ def plan(options: BenchOptions) -> list[Cell]:
             grid = [(s, 1, h) for h in options.histories for s in options.stateless_sessions]
         elif mode == "one_stream":
             grid, channels = [(s, 1, 0) for s in options.one_stream_sessions], 1
+        elif mode == "frames":
+            grid, channels = [(s, t, 0) for t in options.chunk_steps for s in options.frame_sessions], 1
         else:
-            grid = [(s, t, 0) for t in options.chunk_steps for s in options.sessions]
+            sessions = set(options.sessions)
+            if mode == "ort_floor" and "frames" in modes:  # the floor of each frame's batch too
+                sessions |= set(options.frame_sessions)
+            grid = [(s, t, 0) for t in options.chunk_steps for s in sorted(sessions)]
             if mode == "batched":  # the stateful side of the history comparison
                 grid += [(1, 1, h) for h in options.histories]
         cells += [Cell(mode, s, t, h, min(channels, s)) for s, t, h in grid]

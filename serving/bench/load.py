@@ -6,7 +6,8 @@ Raw generated stubs on purpose: the figure should measure the server, not a clie
 
 Each session keeps one chunk in flight (a closed loop): its next chunk leaves when its response arrives, so
 `sessions` is the concurrency. Sessions are spread over `channels` connections, one Stream call each
-(one_stream: every session multiplexed on one).
+(one_stream: every session multiplexed on one; frames: one Frames call, the sessions in `FRAMES_IN_FLIGHT`
+frames that take turns).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 import numpy as np
@@ -29,6 +30,9 @@ import numpy as np
 from serving.bench.grid import BenchError, Cell
 from serving.bench.wire import CHANNEL_OPTIONS, Job, inputs_maker, say, stub
 from serving.wire import pb, pb_grpc
+
+_Message = TypeVar("_Message", pb.ChunkRequest, pb.Frame)
+FRAMES_IN_FLIGHT = 2  # frames mode: the server computes one frame while the other travels
 
 
 @dataclass
@@ -109,7 +113,8 @@ async def _drive(service: pb_grpc.ConveyorAsyncStub, feeds: list[_Feed], window:
     # never waits for the previous write to finish, as in a client with a reader thread (awaiting each write
     # before the next read kept all but 6-8 of 64 sessions on one stream out of the server, waiting here).
     # One session has nothing to overlap: a direct write spares it a hop through that task.
-    requests = _Requests(asyncio.get_running_loop()) if len(feeds) > 1 else None
+    loop = asyncio.get_running_loop()
+    requests: _Requests[pb.ChunkRequest] | None = _Requests(loop) if len(feeds) > 1 else None
     call = service.Stream(requests)
     for feed in feeds:
         await _send(call, requests, feed.next())
@@ -128,7 +133,7 @@ async def _drive(service: pb_grpc.ConveyorAsyncStub, feeds: list[_Feed], window:
 
 
 async def _send(
-    call: grpc.aio.StreamStreamCall, requests: _Requests | None, request: pb.ChunkRequest
+    call: grpc.aio.StreamStreamCall, requests: _Requests[pb.ChunkRequest] | None, request: pb.ChunkRequest
 ) -> None:
     if requests is None:
         await call.write(request)
@@ -136,26 +141,87 @@ async def _send(
         requests.put(request)
 
 
-class _Requests:
-    """One Stream call's requests, as the async iterator grpc writes from (a deque and one future: cheaper
-    than an asyncio.Queue)."""
+class _Requests(Generic[_Message]):
+    """One Stream (or Frames) call's requests, as the async iterator grpc writes from (a deque and one
+    future: cheaper than an asyncio.Queue)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._queue: collections.deque[pb.ChunkRequest] = collections.deque()
+        self._queue: collections.deque[_Message] = collections.deque()
         self._loop = loop
         self._ready: asyncio.Future[None] | None = None
 
-    def put(self, request: pb.ChunkRequest) -> None:
+    def put(self, request: _Message) -> None:
         self._queue.append(request)
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
 
-    async def __aiter__(self) -> AsyncIterator[pb.ChunkRequest]:
+    async def __aiter__(self) -> AsyncIterator[_Message]:
         while True:
             while not self._queue:
                 self._ready = self._loop.create_future()
                 await self._ready
             yield self._queue.popleft()
+
+
+class _FrameFeed:
+    """A group of sessions that travel together: one frame per round, every session's chunk in it."""
+
+    def __init__(self, key: str, sessions: int, cell: Cell, inputs: Callable[[int], pb.Tensor]) -> None:
+        self.key = key
+        self.sent_s = 0.0
+        self.sessions = sessions
+        self.steps = cell.chunk_steps
+        chunk = inputs(sessions * cell.chunk_steps)  # [sessions * time, ...]: reshaped to the frame's shape
+        self._frame = pb.Frame(frame_id=key, session_ids=[f"{key}.{i}" for i in range(sessions)])
+        self._frame.inputs.CopyFrom(chunk)
+        self._frame.inputs.shape[:] = [sessions, cell.chunk_steps, *chunk.shape[1:]]
+        self._frame.start[:] = [True] * sessions
+        self._offset = 0
+
+    def next(self) -> pb.Frame:
+        self.sent_s = time.perf_counter()
+        if self._offset:
+            del self._frame.start[:]
+            self._frame.offsets[:] = [self._offset] * self.sessions
+        self._offset += self.steps
+        return self._frame
+
+
+async def _drive_frames(service: pb_grpc.ConveyorAsyncStub, feeds: list[_FrameFeed], window: _Window) -> None:
+    requests: _Requests[pb.Frame] = _Requests(asyncio.get_running_loop())
+    call = service.Frames(requests)
+    for feed in feeds:
+        requests.put(feed.next())
+    by_key = {feed.key: feed for feed in feeds}
+    while True:
+        response = await call.read()
+        if response is grpc.aio.EOF:
+            raise BenchError("the server ended a Frames stream while the bench was driving it")
+        kind = response.WhichOneof("kind")
+        if kind == "result":
+            if response.result.errors:
+                raise BenchError(f"the server refused a frame's chunk: {response.result.errors[0].message}")
+            feed = by_key[response.result.frame_id]
+            window.record(time.perf_counter() - feed.sent_s, feed.sessions * feed.steps, feed.sessions)
+            requests.put(feed.next())
+        elif kind == "error":
+            raise BenchError(f"the server refused a frame: {response.error.message}")
+
+
+def _drivers(
+    cell: Cell, channels: list[grpc.aio.Channel], make: Callable[[int], pb.Tensor], window: _Window
+) -> list[asyncio.Task[None]]:
+    prefix = uuid.uuid4().hex[:8]
+    if cell.mode == "frames":
+        groups = min(FRAMES_IN_FLIGHT, cell.sessions)
+        sizes = [len(range(i, cell.sessions, groups)) for i in range(groups)]
+        frames = [_FrameFeed(f"{prefix}-{i}", size, cell, make) for i, size in enumerate(sizes)]
+        return [asyncio.create_task(_drive_frames(stub(channels[0]), frames, window))]
+    feeds = [_Feed(f"{prefix}-{i}", cell, make) for i in range(cell.sessions)]
+    return [
+        asyncio.create_task(_drive(stub(channel), feeds[i :: len(channels)], window))
+        for i, channel in enumerate(channels)
+    ]
 
 
 async def _measure_server(job: Job) -> Job:
@@ -166,13 +232,8 @@ async def _measure_server(job: Job) -> Job:
     try:
         info = await stub(channels[0]).GetModelInfo(pb.ModelInfoRequest(), timeout=30)
         make = inputs_maker(info, np.random.default_rng(job.get("seed", 0)))
-        prefix = uuid.uuid4().hex[:8]
-        feeds = [_Feed(f"{prefix}-{i}", cell, make) for i in range(cell.sessions)]
         window = _Window()
-        drivers = [
-            asyncio.create_task(_drive(stub(channel), feeds[i :: len(channels)], window))
-            for i, channel in enumerate(channels)
-        ]
+        drivers = _drivers(cell, channels, make, window)
         return await _run_window(drivers, window, job["warmup_s"], job["seconds"])
     finally:
         for channel in channels:
@@ -208,7 +269,7 @@ def _measure_floor(job: Job) -> Job:
     cell = Cell(**job["cell"])
     runner = OnnxStepRunner.load(Path(job["model_dir"]), intra_op_threads=job["ort_threads"])
     spec = runner.spec
-    batch = min(cell.sessions, job["max_batch_size"])
+    batch = cell.sessions  # what one frame of every session runs (the batched server splits it at its max)
     x = random_inputs(spec, batch, cell.chunk_steps, np.random.default_rng(job.get("seed", 0)))
     states = [np.zeros((batch, spec.state_size), np.float32)]
 

@@ -42,8 +42,8 @@ _WEIGHT = 0.2  # of the newest batch in a running estimate
 class BatchMetrics(Protocol):
     """What the batcher reports; `serving.server.metrics.ConveyorMetrics` implements it."""
 
-    def observe_queue_wait(self, seconds: float) -> None:
-        """Time one chunk waited between submission and the start of its batch."""
+    def observe_queue_wait(self, seconds: float, chunks: int = 1) -> None:
+        """Time `chunks` chunks (one, or a frame's) waited between submission and the start of their batch."""
 
     def observe_batch(self, size: int, inference_s: float) -> None:
         """One runner call: rows in the batch and the call's duration."""
@@ -210,8 +210,7 @@ class Batcher:
     def _start(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         for item in batch:
-            for _ in range(len(item.x)):  # a wait per chunk, a frame's chunks each
-                self._metrics.observe_queue_wait(started - item.enqueued_s)
+            self._metrics.observe_queue_wait(started - item.enqueued_s, len(item.x))  # a frame's chunks each
         predicted_s = self._cost.predict(_rows(batch), batch[0].x.shape[1])
         if predicted_s is not None and predicted_s < self._inline_max_s:
             try:

@@ -82,8 +82,9 @@ def split_key(key: str) -> tuple[str, str]:
     return (namespace, session_id) if slash else ("", key)
 
 
-def validate(chunk: Chunk, model: ServedModel) -> None:
-    """Raise `InvalidChunkError` (or `InvalidSessionIdError`) unless `chunk` keeps the contract's rules."""
+def validate(chunk: Chunk, model: ServedModel, *, values: bool = True) -> None:
+    """Raise `InvalidChunkError` (or `InvalidSessionIdError`) unless `chunk` keeps the contract's rules;
+    `values=False` leaves its inputs' values to the caller (a frame checks them as one block)."""
     if chunk.session_id:
         check_session_id(chunk.session_id)
     elif not chunk.start:
@@ -92,7 +93,9 @@ def validate(chunk: Chunk, model: ServedModel) -> None:
         raise InvalidChunkError("reset and snapshot only apply with start")
     if chunk.offset < 0:
         raise InvalidChunkError(f"offset must be >= 0, got {chunk.offset}")
-    check_inputs(chunk.inputs, model)
+    check_shape(chunk.inputs, model)
+    if values:
+        check_values(chunk.inputs, model)
 
 
 def check_session_id(session_id: str) -> None:
@@ -101,8 +104,8 @@ def check_session_id(session_id: str) -> None:
         raise InvalidSessionIdError(session_id)
 
 
-def check_inputs(x: np.ndarray, model: ServedModel) -> None:
-    """Raise `InvalidChunkError` unless `x` is a valid chunk for `model` (dtype, shape, length, values)."""
+def check_shape(x: np.ndarray, model: ServedModel) -> None:
+    """Raise `InvalidChunkError` unless `x` has the dtype and shape of a chunk for `model`."""
     spec = model.spec
     tokens = spec.input_kind == "tokens"
     shape_ok = x.ndim == 1 if tokens else x.ndim == 2 and x.shape[1] == spec.input_size
@@ -113,6 +116,12 @@ def check_inputs(x: np.ndarray, model: ServedModel) -> None:
         raise InvalidChunkError(f"inputs must be {wanted}, got {x.dtype.name} {list(x.shape)}")
     if not 1 <= len(x) <= model.max_chunk_steps:
         raise InvalidChunkError(f"a chunk holds 1 to {model.max_chunk_steps} timesteps, got {len(x)}")
+
+
+def check_values(x: np.ndarray, model: ServedModel) -> None:
+    """Raise `InvalidChunkError` if a chunk `x` of the right shape holds a value `model` cannot take."""
+    spec = model.spec
+    tokens = spec.input_kind == "tokens"
     # One reduction instead of min and max: a negative id read as unsigned is larger than any vocabulary.
     if tokens and _largest_id(x) >= spec.input_size:
         bad = int(x[(x < 0) | (x >= spec.input_size)][0])

@@ -1,12 +1,13 @@
 """The session contract, with no gRPC in it: ids, start/end/reset/restore, offsets, exactly-once retries,
-per-session ordering and shutdown. The servicer translates; this decides.
+per-session ordering and shutdown. The servicer translates; this orders, locks and batches the chunks, and
+`serving.domain.contract` decides each.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import NamedTuple, Protocol, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -15,62 +16,21 @@ from serving.domain.batcher import Batcher
 from serving.domain.chunks import (
     Chunk,
     ChunkResult,
-    OutputMode,
     ServedModel,
     check_session_id,
     chunk_digest,
     session_key,
     validate,
 )
-from serving.domain.errors import (
-    OffsetMismatchError,
-    ReplayNotKeptError,
-    ServingError,
-    SessionAlreadyExistsError,
-    SessionMovedError,
-    SessionNotFoundError,
-    ShuttingDownError,
-)
-from serving.domain.frames import Outcome, misfits, outcome
+from serving.domain.contract import Contract, Job, Run, SessionMetrics, answered
+from serving.domain.errors import ServingError, SessionMovedError, SessionNotFoundError
+from serving.domain.frames import Outcome, misfits, value_errors
 from serving.domain.locks import Admission
-from serving.domain.notices import EndNotices, Watcher
-from serving.domain.quotas import Quotas
+from serving.domain.notices import Watcher
 from serving.domain.sessions.lifecycle import Sessions
-from serving.domain.sessions.snapshots import SnapshotCodec
-from serving.domain.sessions.store import EndReason, Replay, Session, SessionEnd
+from serving.domain.sessions.store import EndReason
 
 _T = TypeVar("_T")
-
-
-class SessionMetrics(Protocol):
-    """What the engine reports; `serving.server.metrics.ConveyorMetrics` implements it."""
-
-    def session_started(self) -> None:
-        """A session was created."""
-
-    def session_ended(self, reason: str, duration_s: float, steps: int) -> None:
-        """A session ended."""
-
-    def chunk_applied(self, timesteps: int) -> None:
-        """A chunk was run and its state committed (replays are not counted)."""
-
-
-class _Job(NamedTuple):  # a tuple: built for every chunk, and cheaper to build than a frozen dataclass
-    session_id: str  # as the client knows it: in answers and error messages
-    key: str  # where the session is kept: the id within the tenant's namespace
-    chunk: Chunk
-    digest: bytes  # identifies a repeat of the same chunk
-    watcher: Watcher | None
-    backlog: Backlog | None = None  # the queue its answer joins (the batcher may hold it for company)
-
-
-class _Run(NamedTuple):
-    """A chunk judged to run: the state it runs from, and the session it will succeed (None: a new one)."""
-
-    job: _Job
-    previous: Session | None
-    state: np.ndarray
-    steps: int
 
 
 class Engine:
@@ -88,14 +48,8 @@ class Engine:
         self._sessions = sessions
         self._batcher = batcher
         self._metrics = metrics
-        self._snapshots = SnapshotCodec(model.spec.fingerprint, model.spec.state_size)
+        self._contract = Contract(model, sessions, metrics, quotas)
         self._admission = Admission()
-        self._notices = EndNotices()
-        self._closed = False
-        self._quotas = Quotas(quotas or {})
-        sessions.add_listener(self._notices)
-        sessions.add_listener(self._quotas)
-        sessions.add_listener(self._count_end)
 
     async def step(
         self, chunk: Chunk, watcher: Watcher | None = None, backlog: Backlog | None = None
@@ -113,24 +67,37 @@ class Engine:
     async def step_frame(self, chunks: list[Chunk], watcher: Watcher | None = None) -> list[Outcome]:
         """Apply one chunk for each of many sessions (a frame: chunks of one length), the runnable ones as one
         batch, under `step`'s contract session by session; each session's outcome, in order. A session's
-        error is its own: the others go on."""
+        error is its own: the others go on.
+
+        The frame is checked as a whole where it can be (the inputs' values with one pass over the block),
+        its sessions looked up in one call, run as one block and committed one by one."""
         self._admission.check_open()
         outcomes: list[Outcome | None] = [None] * len(chunks)
-        jobs: dict[int, _Job] = {}
+        jobs: dict[int, Job] = {}
         for index, chunk in enumerate(chunks):
             try:
-                jobs[index] = self._job(chunk, watcher)
+                jobs[index] = self._job(chunk, watcher, values=False)
             except ServingError as error:
                 outcomes[index] = error
         keys = {index: job.key for index, job in jobs.items()}
-        for index, refused in misfits(keys, {i: len(job.chunk.inputs) for i, job in jobs.items()}).items():
+        lengths = {index: len(job.chunk.inputs) for index, job in jobs.items()}
+        refused = misfits(keys, lengths)
+        if jobs:
+            x = np.stack([job.chunk.inputs for index, job in jobs.items() if index not in refused])
+            refused.update(value_errors(x, [i for i in jobs if i not in refused], self.model))
+        for index, refusal in refused.items():
             del jobs[index]
-            outcomes[index] = refused
+            outcomes[index] = refusal
         async with self._admission.hold_all([job.key for job in jobs.values()]):
-            runs: dict[int, _Run] = {}
-            for index, job in jobs.items():
-                judged = await outcome(job.session_id, self._judge(job))
-                if isinstance(judged, _Run):
+            found = await self._sessions.find_many([job.key for job in jobs.values()])
+            runs: dict[int, Run] = {}
+            for (index, job), session in zip(jobs.items(), found, strict=True):
+                try:
+                    judged = self._contract.decide(job, session)
+                except ServingError as error:
+                    outcomes[index] = error
+                    continue
+                if isinstance(judged, Run):
                     runs[index] = judged
                 else:
                     outcomes[index] = judged
@@ -148,34 +115,39 @@ class Engine:
         """The session's state as an opaque blob, and its step count."""
         key = session_key(namespace, session_id)
         session = await self._locked(session_id, key, lambda: self._sessions.get(key))
-        return self._snapshots.encode(session.state, session.steps), session.steps
+        return self._contract.snapshots.encode(session.state, session.steps), session.steps
 
     def unwatch(self, session_ids: Iterable[str], watcher: Watcher, namespace: str = "") -> None:
         """Stop telling `watcher` about these sessions (its stream has closed)."""
-        self._notices.unwatch((session_key(namespace, s) for s in session_ids), watcher)
+        self._contract.unwatch([session_key(namespace, s) for s in session_ids], watcher)
 
     async def close(self, grace_s: float) -> None:
         """Refuse new work and give in-flight chunks `grace_s` to finish. Then every session ends (shutdown),
         unless the store keeps them for the next server."""
         self._sessions.stop_sweeper()
         await self._admission.close(grace_s)
-        self._closed = True
+        self._contract.closed = True
         await self._sessions.shutdown()
 
-    def _job(self, chunk: Chunk, watcher: Watcher | None, backlog: Backlog | None = None) -> _Job:
-        validate(chunk, self.model)
+    def _job(
+        self, chunk: Chunk, watcher: Watcher | None, backlog: Backlog | None = None, *, values: bool = True
+    ) -> Job:
+        """The checked chunk (its inputs' values too, unless a frame checks them as a block)."""
+        validate(chunk, self.model, values=values)
         session_id = chunk.session_id or uuid.uuid4().hex
         key = session_key(chunk.namespace, session_id)
-        return _Job(session_id, key, chunk, chunk_digest(chunk), watcher, backlog)
+        return Job(session_id, key, chunk, chunk_digest(chunk), watcher, backlog)
 
-    async def _apply_or_replay(self, job: _Job) -> ChunkResult:
-        judged = await self._judge(job)
+    async def _apply_or_replay(self, job: Job) -> ChunkResult:
+        judged = self._contract.decide(job, await self._sessions.find(job.key))
         if isinstance(judged, ChunkResult):
             return judged
         y, new_state = await self._batcher.run(job.chunk.inputs, judged.state, job.backlog)
-        return await self._commit(judged, y, new_state)
+        result = await self._contract.commit(judged, answered(job.chunk, y), new_state)
+        self._metrics.chunks_applied(len(job.chunk.inputs))
+        return result
 
-    async def _applied(self, job: _Job) -> ChunkResult:
+    async def _applied(self, job: Job) -> ChunkResult:
         """`_apply_or_replay`, errors naming the session as the client does (the store knows its key)."""
         try:
             try:
@@ -190,7 +162,7 @@ class Engine:
         except SessionMovedError as moved:
             raise SessionMovedError(job.session_id, moved.steps) from None
 
-    async def _run_frame(self, runs: dict[int, _Run], outcomes: list[Outcome | None]) -> None:
+    async def _run_frame(self, runs: dict[int, Run], outcomes: list[Outcome | None]) -> None:
         """Run a frame's runnable chunks as one block, and commit each (or fail them all with the run)."""
         x = np.stack([run.job.chunk.inputs for run in runs.values()])
         states = np.stack([run.state for run in runs.values()])
@@ -200,78 +172,28 @@ class Engine:
             for index in runs:
                 outcomes[index] = error
             return
+        applied = 0
         for row, (index, run) in enumerate(runs.items()):
-            committed = await outcome(run.job.session_id, self._commit(run, ys[row], new_states[row]))
-            if isinstance(committed, SessionMovedError):  # as in `_applied`: judged again, alone
-                committed = await outcome(run.job.session_id, self._applied(run.job))
-            outcomes[index] = committed
+            try:
+                outcomes[index] = await self._contract.commit(
+                    run, answered(run.job.chunk, ys[row]), new_states[row]
+                )
+                applied += 1
+            except Exception as error:  # a frame's session fails alone, whatever failed
+                outcomes[index] = await self._recommitted(run.job, error)
+        self._metrics.chunks_applied(len(x[0]), applied)
 
-    async def _judge(self, job: _Job) -> ChunkResult | _Run:
-        """The chunk's cached result (a repeat), or what to run it from; raises on a contract violation."""
-        return await (self._start(job) if job.chunk.start else self._continue(job))
-
-    async def _start(self, job: _Job) -> ChunkResult | _Run:
-        existing = await self._sessions.find(job.key)
-        if existing is not None:
-            replayed = self._replayed(job, existing.replay, existing.steps, ended=False)
-            if replayed is not None:
-                self._watch(job)
-                return replayed
-            if not job.chunk.reset:
-                raise SessionAlreadyExistsError(job.session_id, existing.steps)
-        else:
-            replayed = self._ended_replayed(job)
-            if replayed is not None:  # the chunk that started and ended its session, sent again
-                return replayed
-            self._sessions.check_capacity()
-            self._quotas.check(job.chunk.namespace)
-        state, steps = self._snapshots.initial(job.chunk.snapshot)
-        return self._runnable(job, existing, state, steps)
-
-    async def _continue(self, job: _Job) -> ChunkResult | _Run:
-        session = await self._sessions.find(job.key)
-        if session is None:
-            replayed = self._ended_replayed(job)
-            if replayed is None:
-                raise SessionNotFoundError(job.session_id)
-            return replayed
-        replayed = self._replayed(job, session.replay, session.steps, ended=False)
-        if replayed is not None:
-            self._watch(job)
-            return replayed
-        return self._runnable(job, session, session.state, session.steps)
-
-    def _ended_replayed(self, job: _Job) -> ChunkResult | None:
-        """The answer again to the chunk that ended its session, when `job` repeats it within the replay
-        window (a retry after its response was lost); else None."""
-        ended = self._sessions.ended_replay(job.key)
-        return None if ended is None else self._replayed(job, ended.replay, ended.steps, ended=True)
-
-    @staticmethod
-    def _runnable(job: _Job, previous: Session | None, state: np.ndarray, steps: int) -> _Run:
-        if job.chunk.offset != steps:
-            raise OffsetMismatchError(job.session_id, job.chunk.offset, steps)
-        return _Run(job, previous, state, steps)
-
-    async def _commit(self, run: _Run, y: np.ndarray, new_state: np.ndarray) -> ChunkResult:
-        """Commit the run's outputs `y` and `new_state` as the successor of `run.previous` (None: new)."""
-        job, previous, steps = run.job, run.previous, run.steps
-        chunk = job.chunk
-        if self._closed:
-            raise ShuttingDownError()  # the grace period ran out: every session has ended
-        # A copy: the batcher's rows are views of the whole batch's outputs.
-        outputs = (y[-1:] if chunk.outputs is OutputMode.LAST else y).copy()
-        steps += len(chunk.inputs)
-        kept = outputs if outputs.nbytes <= self.model.replay_max_bytes else None
-        replay = Replay(job.digest, chunk.offset, kept)
-        if await self._sessions.commit(job.key, previous, new_state, steps, replay, restart=chunk.start):
-            self._quotas.started(chunk.namespace)
-            self._metrics.session_started()
-        self._metrics.chunk_applied(len(chunk.inputs))
-        self._watch(job)
-        if chunk.end:
-            await self._sessions.end(job.key, EndReason.END, keep_replay=True)
-        return ChunkResult(job.session_id, chunk.offset, steps, outputs, chunk.end, replayed=False)
+    async def _recommitted(self, job: Job, error: Exception) -> Outcome:
+        """A frame's session whose commit failed with `error`: judged again alone if another server moved it
+        meanwhile (as in `_applied`), else the error, naming the session as the client does."""
+        if isinstance(error, SessionNotFoundError):
+            return SessionNotFoundError(job.session_id)
+        if not isinstance(error, SessionMovedError):
+            return error
+        try:
+            return await self._applied(job)
+        except Exception as again:
+            return again
 
     async def _locked(self, session_id: str, key: str, operation: Callable[[], Awaitable[_T]]) -> _T:
         self._admission.check_open()
@@ -281,19 +203,3 @@ class Engine:
                 return await operation()
             except SessionNotFoundError:  # the store knows the key; the client, its session id
                 raise SessionNotFoundError(session_id) from None
-
-    def _watch(self, job: _Job) -> None:
-        if job.watcher is not None:
-            self._notices.watch(job.key, job.watcher)
-
-    def _count_end(self, ended: SessionEnd) -> None:
-        self._metrics.session_ended(ended.reason.value, ended.duration_s, ended.steps)
-
-    def _replayed(self, job: _Job, replay: Replay | None, steps: int, *, ended: bool) -> ChunkResult | None:
-        """The cached result when `job` repeats the chunk `replay` records, else None; `ReplayNotKeptError`
-        when it does but the response was too large to keep."""
-        if replay is None or replay.offset != job.chunk.offset or replay.key != job.digest:
-            return None
-        if replay.outputs is None:
-            raise ReplayNotKeptError(job.session_id, replay.offset, steps, self.model.replay_max_bytes)
-        return ChunkResult(job.session_id, replay.offset, steps, replay.outputs, ended, replayed=True)

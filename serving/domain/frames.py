@@ -1,21 +1,22 @@
 """What applying a frame (one chunk for each of many sessions) adds to applying a chunk: a session at most
-once per frame, and each session's outcome kept apart, so that one session's error never fails another."""
+once per frame, one chunk length, the inputs' values checked as one block, and each session's outcome kept
+apart, so that one session's error never fails another."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import TypeVar
+import numpy as np
 
-from serving.domain.chunks import ChunkResult, split_key
-from serving.domain.errors import InvalidChunkError, SessionNotFoundError
+from serving.domain.chunks import ChunkResult, ServedModel, check_values, split_key
+from serving.domain.errors import InvalidChunkError
 
-_T = TypeVar("_T")
 Outcome = ChunkResult | Exception  # a frame's session: its result, or its error alone
 
 
 def misfits(keys: dict[int, str], lengths: dict[int, int]) -> dict[int, InvalidChunkError]:
     """The frame positions that cannot join it, and why: a session that came earlier in the frame (its first
     chunk goes on), or a chunk of another length than the frame's first (a frame runs as one batch)."""
+    if len(set(keys.values())) == len(keys) and len(set(lengths.values())) <= 1:
+        return {}  # the usual frame: distinct sessions, one length
     seen: set[str] = set()
     refused = {}
     length = next(iter(lengths.values()), 0)
@@ -33,11 +34,19 @@ def misfits(keys: dict[int, str], lengths: dict[int, int]) -> dict[int, InvalidC
     return refused
 
 
-async def outcome(session_id: str, step: Awaitable[_T]) -> _T | Exception:
-    """`step`'s value, or its error (naming the session as the client does: the store knows its key)."""
-    try:
-        return await step
-    except SessionNotFoundError:
-        return SessionNotFoundError(session_id)
-    except Exception as error:  # a frame's session fails alone, whatever failed
-        return error
+def value_errors(block: np.ndarray, positions: list[int], model: ServedModel) -> dict[int, InvalidChunkError]:
+    """The frame positions whose inputs hold a value the model cannot take (a token id outside the
+    vocabulary, NaN or infinity), found in one pass over `block` [rows, time, ...] (row i: `positions[i]`),
+    each with the message its chunk alone would get."""
+    spec = model.spec
+    if spec.input_kind == "tokens":
+        bad = (block.view(np.uint64) >= spec.input_size).any(axis=1)  # a negative id read unsigned is huge
+    else:
+        bad = ~np.isfinite(block).all(axis=(1, 2))
+    refused = {}
+    for row in np.flatnonzero(bad).tolist():
+        try:
+            check_values(block[row], model)
+        except InvalidChunkError as error:
+            refused[positions[row]] = error
+    return refused

@@ -217,17 +217,19 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         except InvalidChunkError as exc:
             code = grpc.StatusCode.INVALID_ARGUMENT
             self._metrics.chunk_answered(time.perf_counter() - received, code.name)
-            error = pb.ChunkError(request_id=frame.frame_id, code=code.value[0], message=str(exc))
-            outbox.answer(pb.FrameResponse(error=error), cost)
+            refusal = pb.ChunkError(request_id=frame.frame_id, code=code.value[0], message=str(exc))
+            outbox.answer(pb.FrameResponse(error=refusal), cost)
             return
         outcomes = await self._engine.step_frame(chunks, outbox.watcher)
         result = frame_result_to_pb(frame, chunks, outcomes, self._engine.model.spec.output_size)
         elapsed = time.perf_counter() - received
-        failed = {error.index: BY_NUMBER[error.code].name for error in result.errors}
-        for index, session_id in enumerate(result.session_ids):
-            self._metrics.chunk_answered(elapsed, failed.get(index))
-            if index not in failed:
-                outbox.touched.add(session_id)
+        failed = {error.index for error in result.errors}
+        for error in result.errors:
+            self._metrics.chunk_answered(elapsed, BY_NUMBER[error.code].name)
+        self._metrics.chunk_answered(elapsed, chunks=len(result.session_ids) - len(failed))
+        outbox.touched.update(
+            session_id for index, session_id in enumerate(result.session_ids) if index not in failed
+        )
         outbox.answer(pb.FrameResponse(result=result), cost)
 
     async def _answer(

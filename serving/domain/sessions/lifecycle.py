@@ -68,15 +68,22 @@ class Sessions:
 
     async def find(self, session_id: str) -> Session | None:
         """The live session, marked as used now; None when unknown or expired (expiry ends it)."""
-        now = self._clock()
-        session = await self._store.get(session_id, now)
-        if session is None:
-            return None
-        reason = self._cutoffs(now).reason(session.created_s, session.last_used_s)
-        if reason is not None:
-            await self._end(session_id, reason)
-            return None
+        [session] = await self.find_many([session_id])
         return session
+
+    async def find_many(self, session_ids: list[str]) -> list[Session | None]:
+        """`find` of each session, at one reading of the clock."""
+        now = self._clock()
+        cutoffs = self._cutoffs(now)
+        found: list[Session | None] = []
+        for session_id in session_ids:
+            session = await self._store.get(session_id, now)
+            reason = None if session is None else cutoffs.reason(session.created_s, session.last_used_s)
+            if reason is not None:
+                await self._end(session_id, reason)
+                session = None
+            found.append(session)
+        return found
 
     async def get(self, session_id: str) -> Session:
         """As `find`, but raises `SessionNotFoundError`."""

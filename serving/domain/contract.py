@@ -1,0 +1,170 @@
+"""The session contract's rules for one chunk: is it a repeat, may it start or continue its session, at what
+offset; and how its result is committed. The engine orders, locks and batches the chunks; this decides each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from serving.domain.backlog import Backlog
+from serving.domain.chunks import Chunk, ChunkResult, OutputMode, ServedModel
+from serving.domain.errors import (
+    OffsetMismatchError,
+    ReplayNotKeptError,
+    SessionAlreadyExistsError,
+    SessionNotFoundError,
+    ShuttingDownError,
+)
+from serving.domain.notices import EndNotices, Watcher
+from serving.domain.quotas import Quotas
+from serving.domain.sessions.lifecycle import Sessions
+from serving.domain.sessions.snapshots import SnapshotCodec
+from serving.domain.sessions.store import EndReason, Replay, Session, SessionEnd
+
+
+class SessionMetrics(Protocol):
+    """What the contract reports; `serving.server.metrics.ConveyorMetrics` implements it."""
+
+    def session_started(self) -> None:
+        """A session was created."""
+
+    def session_ended(self, reason: str, duration_s: float, steps: int) -> None:
+        """A session ended."""
+
+    def chunks_applied(self, timesteps: int, chunks: int = 1) -> None:
+        """`chunks` chunks of `timesteps` each were run and committed (replays are not counted)."""
+
+
+class Job(NamedTuple):  # a tuple: built for every chunk, and cheaper to build than a frozen dataclass
+    """A checked chunk on its way through the engine."""
+
+    session_id: str  # as the client knows it: in answers and error messages
+    key: str  # where the session is kept: the id within the tenant's namespace
+    chunk: Chunk
+    digest: bytes  # identifies a repeat of the same chunk
+    watcher: Watcher | None
+    backlog: Backlog | None = None  # the queue its answer joins (the batcher may hold it for company)
+
+
+class Run(NamedTuple):
+    """A chunk judged to run: the state it runs from, and the session it will succeed (None: a new one)."""
+
+    job: Job
+    previous: Session | None
+    state: np.ndarray
+    steps: int
+
+
+class Contract:
+    """Judges chunks against their sessions as found, and commits the runs, telling the watchers."""
+
+    def __init__(
+        self,
+        model: ServedModel,
+        sessions: Sessions,
+        metrics: SessionMetrics,
+        quotas: Mapping[str, int] | None = None,
+    ) -> None:
+        self._model = model
+        self._sessions = sessions
+        self._metrics = metrics
+        self.snapshots = SnapshotCodec(model.spec.fingerprint, model.spec.state_size)
+        self._notices = EndNotices()
+        self._quotas = Quotas(quotas or {})
+        self.closed = False  # set once every session has ended at shutdown: nothing more is committed
+        sessions.add_listener(self._notices)
+        sessions.add_listener(self._quotas)
+        sessions.add_listener(self._count_end)
+
+    def decide(self, job: Job, found: Session | None) -> ChunkResult | Run:
+        """The chunk's cached result (a repeat), or what to run it from, given its session as just found
+        (None: none live); raises a `ServingError` on a contract violation."""
+        return self._start(job, found) if job.chunk.start else self._continue(job, found)
+
+    async def commit(self, run: Run, outputs: np.ndarray, new_state: np.ndarray) -> ChunkResult:
+        """Commit the run's `outputs` (as answered: the caller's own copy, kept for a replay) and `new_state`
+        as the successor of `run.previous` (None: new)."""
+        job, chunk = run.job, run.job.chunk
+        if self.closed:
+            raise ShuttingDownError()  # the grace period ran out: every session has ended
+        steps = run.steps + len(chunk.inputs)
+        kept = outputs if outputs.nbytes <= self._model.replay_max_bytes else None
+        replay = Replay(job.digest, chunk.offset, kept)
+        if await self._sessions.commit(job.key, run.previous, new_state, steps, replay, restart=chunk.start):
+            self._quotas.started(chunk.namespace)
+            self._metrics.session_started()
+        self.watch(job)
+        if chunk.end:
+            await self._sessions.end(job.key, EndReason.END, keep_replay=True)
+        return ChunkResult(job.session_id, chunk.offset, steps, outputs, chunk.end, replayed=False)
+
+    def watch(self, job: Job) -> None:
+        """Tell the job's watcher (its stream) when its session ends."""
+        if job.watcher is not None:
+            self._notices.watch(job.key, job.watcher)
+
+    def unwatch(self, keys: list[str], watcher: Watcher) -> None:
+        """Stop telling `watcher` about these sessions (its stream has closed)."""
+        self._notices.unwatch(keys, watcher)
+
+    def _start(self, job: Job, existing: Session | None) -> ChunkResult | Run:
+        if existing is not None:
+            replayed = self._replayed(job, existing.replay, existing.steps, ended=False)
+            if replayed is not None:
+                self.watch(job)
+                return replayed
+            if not job.chunk.reset:
+                raise SessionAlreadyExistsError(job.session_id, existing.steps)
+        else:
+            replayed = self._ended_replayed(job)
+            if replayed is not None:  # the chunk that started and ended its session, sent again
+                return replayed
+            self._sessions.check_capacity()
+            self._quotas.check(job.chunk.namespace)
+        state, steps = self.snapshots.initial(job.chunk.snapshot)
+        return _runnable(job, existing, state, steps)
+
+    def _continue(self, job: Job, session: Session | None) -> ChunkResult | Run:
+        if session is None:
+            replayed = self._ended_replayed(job)
+            if replayed is None:
+                raise SessionNotFoundError(job.session_id)
+            return replayed
+        replayed = self._replayed(job, session.replay, session.steps, ended=False)
+        if replayed is not None:
+            self.watch(job)
+            return replayed
+        return _runnable(job, session, session.state, session.steps)
+
+    def _ended_replayed(self, job: Job) -> ChunkResult | None:
+        """The answer again to the chunk that ended its session, when `job` repeats it within the replay
+        window (a retry after its response was lost); else None."""
+        ended = self._sessions.ended_replay(job.key)
+        return None if ended is None else self._replayed(job, ended.replay, ended.steps, ended=True)
+
+    def _replayed(self, job: Job, replay: Replay | None, steps: int, *, ended: bool) -> ChunkResult | None:
+        """The cached result when `job` repeats the chunk `replay` records, else None; `ReplayNotKeptError`
+        when it does but the response was too large to keep."""
+        if replay is None or replay.offset != job.chunk.offset or replay.key != job.digest:
+            return None
+        if replay.outputs is None:
+            raise ReplayNotKeptError(job.session_id, replay.offset, steps, self._model.replay_max_bytes)
+        return ChunkResult(job.session_id, replay.offset, steps, replay.outputs, ended, replayed=True)
+
+    def _count_end(self, ended: SessionEnd) -> None:
+        self._metrics.session_ended(ended.reason.value, ended.duration_s, ended.steps)
+
+
+def answered(chunk: Chunk, y: np.ndarray) -> np.ndarray:
+    """The outputs a chunk's answer carries of its run's `y` [time, outputs] (or a block's [rows, time,
+    outputs]): every timestep, or the last. A copy: the batcher's rows are views of the whole batch's."""
+    return (y[..., -1:, :] if chunk.outputs is OutputMode.LAST else y).copy()
+
+
+def _runnable(job: Job, previous: Session | None, state: np.ndarray, steps: int) -> Run:
+    if job.chunk.offset != steps:
+        raise OffsetMismatchError(job.session_id, job.chunk.offset, steps)
+    return Run(job, previous, state, steps)
