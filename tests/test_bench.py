@@ -34,6 +34,7 @@ def _micro(model_dir: Path) -> BenchOptions:
         histories=(5,),
         stateless_sessions=(1,),
         one_stream_sessions=(3,),
+        frame_sessions=(3,),
         channels=2,
         warmup_s=0.1,
         seconds=0.3,
@@ -58,13 +59,16 @@ def test_every_mode_gives_complete_sane_rows(token_artifact: Path, tmp_path: Pat
         # history prefix answered after the warm-up).
         assert row.timesteps_per_s >= row.chunks_per_s * row.chunk_steps * 0.99
         if row.mode == "ort_floor":
-            assert row.channels == 0 and row.mean_batch == 2 and row.load_cpu_s_per_1k_steps is None
+            # every session's chunk in one batch: the frames' sessions (3) have a floor row too
+            assert row.channels == 0 and row.load_cpu_s_per_1k_steps is None
+            assert row.mean_batch == row.sessions and row.sessions in (2, 3)
         else:
             one_stream = row.mode == "one_stream"  # every session on one stream, 1-step chunks
-            assert row.channels == (1 if one_stream else min(2, row.sessions))
+            assert row.channels == (1 if row.mode in ("one_stream", "frames") else min(2, row.sessions))
             assert not one_stream or (row.sessions, row.chunk_steps) == (3, 1)
+            assert row.mode != "frames" or (row.sessions, row.chunk_steps) == (3, 3)
             assert row.load_cpu_s_per_1k_steps is not None and row.load_cpu_s_per_1k_steps >= 0
-        if row.mode in ("batched", "one_stream", "durable", "unbatched", "stateless"):
+        if row.mode in ("batched", "one_stream", "frames", "durable", "unbatched", "stateless"):
             assert row.mean_batch is not None and 1 <= row.mean_batch <= row.sessions
         if row.mode == "unbatched":
             assert row.mean_batch == 1
@@ -108,10 +112,11 @@ def test_flags_pick_the_grid_and_quick_keeps_explicit_ones(tmp_path: Path) -> No
     assert quick.sessions == (1, 64) and quick.seconds == 0.5 and quick.model_dir == tmp_path
     assert quick.one_stream_sessions == (64,)
     argv = ["--target", "127.0.0.1:1", "--sessions", "1,16", "--one-stream-sessions", "8"]
-    target = options_from_args(parser.parse_args(argv))
+    target = options_from_args(parser.parse_args([*argv, "--frame-sessions", "32", "--chunk-steps", "1"]))
     assert target.model_dir is None and target.sessions == (1, 16)
-    assert {cell.mode for cell in plan(target)} == {"batched", "one_stream", "stateless"}
+    assert {cell.mode for cell in plan(target)} == {"batched", "one_stream", "frames", "stateless"}
     assert [(c.sessions, c.channels) for c in plan(target) if c.mode == "one_stream"] == [(8, 1)]
+    assert [(c.sessions, c.channels) for c in plan(target) if c.mode == "frames"] == [(32, 1)]
     for bad in ({"model_dir": tmp_path, "modes": ("warp",)}, {}, {"model_dir": tmp_path, "seconds": 0}):
         with pytest.raises(BenchError):
             BenchOptions(**bad)  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from serving.domain.sessions.store import (
     Cutoffs,
     EndReason,
     HeldBytes,
+    Replacement,
     Replay,
     Session,
     SessionStore,
@@ -86,6 +87,16 @@ def run_on_store(request: pytest.FixtureRequest) -> Callable[[Scenario], None]:
     return run
 
 
+async def _get(store: SessionStore, session_id: str, now: float) -> Session | None:
+    [session] = await store.get([session_id], now)
+    return session
+
+
+async def _replace(store: SessionStore, session_id: str, session: Session, steps: int) -> bool:
+    [written] = await store.replace([Replacement(session_id, session, steps)])
+    return written
+
+
 def _session(steps: int, value: float = 0.0, created_s: float = 100.0, used_s: float = 100.0) -> Session:
     outputs = np.arange(6, dtype=np.float32).reshape(2, 3) + value
     replay = Replay(bytes(range(16)), steps - 2, outputs)
@@ -96,17 +107,17 @@ def test_create_get_replace_end_round_trip_every_field(run_on_store: Callable[[S
     async def scenario(store: SessionStore) -> None:
         assert await store.create("a", _session(3, 1.5)) is True
         assert await store.create("a", _session(9, 9.0)) is False  # taken: nothing written
-        got = await store.get("a", 200.0)
+        got = await _get(store, "a", 200.0)
         assert got is not None and got.steps == 3 and got.last_used_s == 100.0  # as before this look-up
         assert np.array_equal(got.state, np.full(SHAPE, 1.5, np.float32))
         assert got.replay is not None and got.replay.offset == 1 and got.replay.key == bytes(range(16))
         expected = np.arange(6, dtype=np.float32).reshape(2, 3) + 1.5
         assert got.replay.outputs is not None and np.array_equal(got.replay.outputs, expected)
-        assert (await store.get("a", 300.0)).last_used_s == 200.0  # type: ignore[union-attr]
+        assert (await _get(store, "a", 300.0)).last_used_s == 200.0  # type: ignore[union-attr]
         assert len(store) == 1
         ended = await store.end("a")
         assert ended is not None and ended.steps == 3 and np.array_equal(ended.state, got.state)
-        assert await store.get("a", 400.0) is None and await store.end("a") is None and len(store) == 0
+        assert await _get(store, "a", 400.0) is None and await store.end("a") is None and len(store) == 0
 
     run_on_store(scenario)
 
@@ -114,15 +125,61 @@ def test_create_get_replace_end_round_trip_every_field(run_on_store: Callable[[S
 def test_replace_is_a_compare_and_set_on_the_step_count(run_on_store: Callable[[Scenario], None]) -> None:
     async def scenario(store: SessionStore) -> None:
         await store.create("s", _session(4, 1.0))
-        assert await store.replace("s", _session(6, 2.0), steps=5) is False  # stale: nothing written
-        assert (await store.get("s", 101.0)).steps == 4  # type: ignore[union-attr]
-        assert await store.replace("s", _session(6, 2.0), steps=4) is True
-        assert await store.replace("s", _session(8, 3.0), steps=4) is False  # the second writer of offset 4
-        current = await store.get("s", 102.0)
+        assert await _replace(store, "s", _session(6, 2.0), 5) is False  # stale: nothing written
+        assert (await _get(store, "s", 101.0)).steps == 4  # type: ignore[union-attr]
+        assert await _replace(store, "s", _session(6, 2.0), 4) is True
+        assert await _replace(store, "s", _session(8, 3.0), 4) is False  # the second writer of offset 4
+        current = await _get(store, "s", 102.0)
         assert current is not None and current.steps == 6 and float(current.state.flat[0]) == 2.0
-        assert await store.replace("gone", _session(2), steps=0) is False
+        assert await _replace(store, "gone", _session(2), 0) is False
 
     run_on_store(scenario)
+
+
+def test_many_sessions_are_looked_up_and_replaced_in_one_call_each_judged_alone(
+    run_on_store: Callable[[Scenario], None],
+) -> None:
+    """A frame's sessions: found or not, fresh or stale, each gets its own answer, in the order asked."""
+
+    async def scenario(store: SessionStore) -> None:
+        for name, steps in (("a", 2), ("b", 3), ("c", 4)):
+            await store.create(name, _session(steps, float(steps)))
+        found = await store.get(["c", "nobody", "a", "b"], 200.0)
+        assert [None if s is None else s.steps for s in found] == [4, None, 2, 3]
+        assert (await _get(store, "b", 250.0)).last_used_s == 200.0  # type: ignore[union-attr]
+        written = await store.replace(
+            [
+                Replacement("a", _session(5, 5.0), 2),
+                Replacement("b", _session(9, 9.0), 1),  # stale: nothing written for it
+                Replacement("nobody", _session(2), 0),  # gone
+                Replacement("c", _session(6, 6.0), 4),
+            ]
+        )
+        assert written == [True, False, False, True]
+        after = await store.get(["a", "b", "c"], 300.0)  # each was used in the one call
+        assert [(s.steps, float(s.state.flat[0])) for s in after if s is not None] == [
+            (5, 5.0),
+            (3, 3.0),
+            (6, 6.0),
+        ]
+
+    run_on_store(scenario)
+
+
+def test_a_frames_look_up_and_replacement_are_one_round_trip_each(redis: RedisServer) -> None:
+    metrics = StoreMetrics()
+
+    async def main() -> None:
+        async with _redis_store(redis.url, metrics) as store:
+            await asyncio.gather(*(store.create(f"s{i}", _session(2)) for i in range(64)))
+            metrics.round_trips.clear()
+            found = await store.get([f"s{i}" for i in range(64)], 200.0)
+            assert all(session is not None for session in found)
+            replacements = [Replacement(f"s{i}", _session(3), 2) for i in range(64)]
+            assert await store.replace(replacements) == [True] * 64
+
+    asyncio.run(main())
+    assert metrics.round_trips == [64, 64]
 
 
 def test_expire_removes_what_is_past_the_cutoffs_and_says_why(
@@ -137,7 +194,7 @@ def test_expire_removes_what_is_past_the_cutoffs_and_says_why(
             ("idle", 3, EndReason.TTL),
             ("old", 4, EndReason.LIFETIME),
         ]
-        assert len(store) == 1 and await store.get("fresh", 600.0) is not None
+        assert len(store) == 1 and await _get(store, "fresh", 600.0) is not None
         everything = [row async for rows in store.expire(EVERYTHING) for row in rows]
         assert [session_id for session_id, _, _ in everything] == ["fresh"] and len(store) == 0
 
@@ -147,7 +204,7 @@ def test_expire_removes_what_is_past_the_cutoffs_and_says_why(
 def test_a_replay_kept_as_a_digest_alone_round_trips(run_on_store: Callable[[Scenario], None]) -> None:
     async def scenario(store: SessionStore) -> None:
         await store.create("big", _session(3)._replace(replay=Replay(bytes(16), 1, None)))
-        got = await store.get("big", 101.0)
+        got = await _get(store, "big", 101.0)
         assert got is not None and got.replay == Replay(bytes(16), 1, None)
 
     run_on_store(scenario)
@@ -159,7 +216,7 @@ def test_least_recent_follows_use(run_on_store: Callable[[Scenario], None]) -> N
         for i, name in enumerate("abc"):
             await store.create(name, _session(2, used_s=100.0 + i))
         assert await store.least_recent() == "a"
-        await store.get("a", 200.0)
+        await _get(store, "a", 200.0)
         assert await store.least_recent() == "b"
 
     run_on_store(scenario)
@@ -212,11 +269,11 @@ def test_calls_fail_as_unavailable_while_redis_is_down_and_work_once_it_is_back(
                 await store.create("kept", _session(5, 2.0))
                 server.stop()
                 with pytest.raises(StoreUnavailableError, match="session store is unreachable"):
-                    await store.replace("kept", _session(7, 3.0), steps=5)
+                    await _replace(store, "kept", _session(7, 3.0), 5)
                 server.start()
-                kept = await store.get("kept", 101.0)
+                kept = await _get(store, "kept", 101.0)
                 assert kept is not None and kept.steps == 5 and float(kept.state.flat[0]) == 2.0
-                assert await store.replace("kept", _session(7, 3.0), steps=5) is True
+                assert await _replace(store, "kept", _session(7, 3.0), 5) is True
 
         asyncio.run(main())
     assert "unreachable" in metrics.errors
@@ -231,9 +288,9 @@ def test_the_memory_store_counts_the_bytes_it_holds_as_sessions_come_change_and_
         for session_id in ("a", "b", "c"):
             await store.create(session_id, _session(3, used_s=100.0))
         assert store.held_bytes() == HeldBytes(page, 3 * each)
-        await store.replace("a", _session(5)._replace(replay=Replay(bytes(16), 3, None)), steps=3)
+        await _replace(store, "a", _session(5)._replace(replay=Replay(bytes(16), 3, None)), 3)
         assert store.held_bytes().replay == 2 * each  # a's response over the budget: a digest alone
-        await store.get("c", 300.0)  # c used after the replay cutoff below: keeps its replay
+        await _get(store, "c", 300.0)  # c used after the replay cutoff below: keeps its replay
         assert [rows async for rows in store.expire(Cutoffs(0.0, 0.0, 200.0))] == [[]]
         assert store.held_bytes().replay == each  # b's replay dropped: the session lives on
         await store.end("c")

@@ -20,6 +20,7 @@ _FIELDS = (
     "chunk_steps",
     "histories",
     "one_stream_sessions",
+    "frame_sessions",
     "channels",
     "seconds",
     "warmup_s",
@@ -44,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--one-stream-sessions",
         type=_counts,
         help=f"one_stream's sessions, all on one stream (default {_show(full.one_stream_sessions)})",
+    )
+    add(
+        "--frame-sessions",
+        type=_counts,
+        help=f"frames' sessions, at every chunk length (default {_show(full.frame_sessions)})",
     )
     add("--channels", type=int, help=f"gRPC connections of the load process (default {full.channels})")
     add("--seconds", type=float, help=f"measured per cell (default {full.seconds}; quick {fast.seconds})")

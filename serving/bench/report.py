@@ -59,21 +59,29 @@ def _finite(value: object) -> object:
 
 
 def plot(rows: Sequence[Row], path: Path) -> None:
-    """Throughput and p99 latency against sessions, one panel pair per chunk length, one line per mode."""
+    """Throughput, p99 latency and server CPU per 1000 timesteps against sessions: a row of panels per chunk
+    length, one line per mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = sorted({row.chunk_steps for row in rows})
-    figure, axes = plt.subplots(len(lengths), 2, figsize=(12, 4.5 * len(lengths)), squeeze=False)
-    for (throughput, latency), length in zip(axes, lengths, strict=True):
+    figure, axes = plt.subplots(len(lengths), 3, figsize=(18, 4.5 * len(lengths)), squeeze=False)
+    for (throughput, latency, cpu), length in zip(axes, lengths, strict=True):
         for label, series in _series([row for row in rows if row.chunk_steps == length]).items():
             sessions = [row.sessions for row in series]
             marker = "o-" if len(series) > 1 else "s"
             throughput.plot(sessions, [row.timesteps_per_s for row in series], marker, label=label)
             latency.plot(sessions, [row.p99_ms for row in series], marker, label=label)
-        for axis, what in ((throughput, "timesteps/s"), (latency, "p99 chunk latency (ms)")):
+            cpu_s = [math.nan if row.cpu_s_per_1k_steps is None else row.cpu_s_per_1k_steps for row in series]
+            cpu.plot(sessions, cpu_s, marker, label=label)
+        panels = (
+            (throughput, "timesteps/s"),
+            (latency, "p99 chunk latency (ms)"),
+            (cpu, "server CPU s per 1000 timesteps"),
+        )
+        for axis, what in panels:
             axis.set(
                 xscale="log", yscale="log", xlabel="sessions", ylabel=what, title=f"{length}-step chunks"
             )

@@ -48,6 +48,7 @@ def check_targets(rows: Sequence[Row]) -> list[Check]:
     r = _Rows(rows)
     b64, b64_32, b1 = r.get("batched", 64), r.get("batched", 64, 32), r.get("batched", 1)
     durable64, one64 = r.get("durable", 64), r.get("one_stream", 64)
+    frames64, frames256 = r.get("frames", 64), r.get("frames", 256)
     stateful_1000, stateless_1000 = r.get("batched", 1, 1, 1000), r.get("stateless", 1, 1, 1000)
     echo1, floor1 = r.get("echo", 1), r.get("ort_floor", 1)
     floors = (
@@ -102,6 +103,25 @@ def check_targets(rows: Sequence[Row]) -> list[Check]:
             "64 sessions x 1 step, one stream: steps/s",
             None if one64 is None else one64.timesteps_per_s,
             5000,
+            True,
+        ),
+        Check(
+            "64 sessions x 1 step: frames steps/s",
+            None if frames64 is None else frames64.timesteps_per_s,
+            30000,
+            True,
+        ),
+        Check("64 sessions x 1 step: frames / batched steps/s", r.ratio(frames64, b64, steps), 4, True),
+        Check(
+            "256 sessions x 1 step: frames steps/s",
+            None if frames256 is None else frames256.timesteps_per_s,
+            50000,
+            True,
+        ),
+        Check(
+            "256 sessions x 1 step: frames / ort_floor (one batch of 256) steps/s",
+            r.ratio(frames256, r.get("ort_floor", 256), steps),
+            0.33,
             True,
         ),
         Check("1 session x 1 step: batched p50 / (echo p50 + ort_floor p50)", floors, 1.3, False),

@@ -246,8 +246,11 @@ class Batcher:
                 item.future.set_result(result)
 
     def _compute(self, batch: list[_Pending]) -> _Computed:
-        x = np.concatenate([item.x for item in batch])  # [B, T] or [B, T, F]
-        states = np.concatenate([item.states for item in batch])  # [B, state size]
+        if len(batch) == 1:  # one chunk or one frame's block: nothing to join
+            x, states = batch[0].x, batch[0].states
+        else:
+            x = np.concatenate([item.x for item in batch])  # [B, T] or [B, T, F]
+            states = np.concatenate([item.states for item in batch])  # [B, state size]
         started = time.perf_counter()
         y, new_states = self._runner.run(x, states)  # y: [B, T, O]; new_states: [B, state size]
         inference_s = time.perf_counter() - started

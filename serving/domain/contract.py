@@ -4,7 +4,7 @@ offset; and how its result is committed. The engine orders, locks and batches th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -14,15 +14,18 @@ from serving.domain.chunks import Chunk, ChunkResult, OutputMode, ServedModel
 from serving.domain.errors import (
     OffsetMismatchError,
     ReplayNotKeptError,
+    ServingError,
     SessionAlreadyExistsError,
     SessionNotFoundError,
     ShuttingDownError,
 )
 from serving.domain.notices import EndNotices, Watcher
 from serving.domain.quotas import Quotas
-from serving.domain.sessions.lifecycle import Sessions
+from serving.domain.sessions.lifecycle import Commit, Sessions
 from serving.domain.sessions.snapshots import SnapshotCodec
 from serving.domain.sessions.store import EndReason, Replay, Session, SessionEnd
+
+Outcome = ChunkResult | Exception  # a chunk's result, or the error of its session alone
 
 
 class SessionMetrics(Protocol):
@@ -84,22 +87,48 @@ class Contract:
         (None: none live); raises a `ServingError` on a contract violation."""
         return self._start(job, found) if job.chunk.start else self._continue(job, found)
 
-    async def commit(self, run: Run, outputs: np.ndarray, new_state: np.ndarray) -> ChunkResult:
-        """Commit the run's `outputs` (as answered: the caller's own copy, kept for a replay) and `new_state`
-        as the successor of `run.previous` (None: new)."""
-        job, chunk = run.job, run.job.chunk
-        if self.closed:
-            raise ShuttingDownError()  # the grace period ran out: every session has ended
-        steps = run.steps + len(chunk.inputs)
-        kept = outputs if outputs.nbytes <= self._model.replay_max_bytes else None
-        replay = Replay(job.digest, chunk.offset, kept)
-        if await self._sessions.commit(job.key, run.previous, new_state, steps, replay, restart=chunk.start):
-            self._quotas.started(chunk.namespace)
-            self._metrics.session_started()
-        self.watch(job)
-        if chunk.end:
+    async def commit(
+        self,
+        runs: Sequence[Run],
+        outputs: Sequence[np.ndarray],
+        new_states: Sequence[np.ndarray] | np.ndarray,
+    ) -> list[Outcome]:
+        """Commit each run's `outputs` (as answered: the caller's own copies, kept for a replay) and new state
+        as the successor of its `previous` (None: new), in one store call; each run's result, or the error
+        of its session alone."""
+        if self.closed:  # the grace period ran out: every session has ended
+            return [ShuttingDownError() for _ in runs]
+        replay_max_bytes = self._model.replay_max_bytes
+        commits = []
+        for run, answer, state in zip(runs, outputs, new_states, strict=True):
+            job, chunk = run.job, run.job.chunk
+            replay = Replay(job.digest, chunk.offset, answer if answer.nbytes <= replay_max_bytes else None)
+            steps = run.steps + len(chunk.inputs)
+            commits.append(Commit(job.key, run.previous, state, steps, replay, chunk.start))
+        stored = await self._sessions.commit_many(commits)
+        outcomes: list[Outcome] = []
+        for run, answer, commit, created in zip(runs, outputs, commits, stored, strict=True):
+            job, chunk = run.job, run.job.chunk
+            if isinstance(created, Exception):
+                outcomes.append(created)
+                continue
+            if created:
+                self._quotas.started(chunk.namespace)
+                self._metrics.session_started()
+            self.watch(job)
+            ended = await self._end(job) if chunk.end else None
+            outcomes.append(
+                ended or ChunkResult(job.session_id, chunk.offset, commit.steps, answer, chunk.end, False)
+            )
+        return outcomes
+
+    async def _end(self, job: Job) -> ServingError | None:
+        """End the session whose last chunk `job` was (its answer kept for a retry); None, or why not."""
+        try:
             await self._sessions.end(job.key, EndReason.END, keep_replay=True)
-        return ChunkResult(job.session_id, chunk.offset, steps, outputs, chunk.end, replayed=False)
+        except ServingError as error:
+            return error
+        return None
 
     def watch(self, job: Job) -> None:
         """Tell the job's watcher (its stream) when its session ends."""

@@ -22,9 +22,9 @@ from serving.domain.chunks import (
     session_key,
     validate,
 )
-from serving.domain.contract import Contract, Job, Run, SessionMetrics, answered
+from serving.domain.contract import Contract, Job, Outcome, Run, SessionMetrics, answered
 from serving.domain.errors import ServingError, SessionMovedError, SessionNotFoundError
-from serving.domain.frames import Outcome, misfits, value_errors
+from serving.domain.frames import misfits, value_errors
 from serving.domain.locks import Admission
 from serving.domain.notices import Watcher
 from serving.domain.sessions.lifecycle import Sessions
@@ -69,40 +69,16 @@ class Engine:
         batch, under `step`'s contract session by session; each session's outcome, in order. A session's
         error is its own: the others go on.
 
-        The frame is checked as a whole where it can be (the inputs' values with one pass over the block),
-        its sessions looked up in one call, run as one block and committed one by one."""
+        The inputs' values are checked as one block, the sessions looked up and committed in one store call
+        each, and the block run as one batch."""
         self._admission.check_open()
         outcomes: list[Outcome | None] = [None] * len(chunks)
-        jobs: dict[int, Job] = {}
-        for index, chunk in enumerate(chunks):
-            try:
-                jobs[index] = self._job(chunk, watcher, values=False)
-            except ServingError as error:
-                outcomes[index] = error
-        keys = {index: job.key for index, job in jobs.items()}
-        lengths = {index: len(job.chunk.inputs) for index, job in jobs.items()}
-        refused = misfits(keys, lengths)
-        if jobs:
-            x = np.stack([job.chunk.inputs for index, job in jobs.items() if index not in refused])
-            refused.update(value_errors(x, [i for i in jobs if i not in refused], self.model))
-        for index, refusal in refused.items():
-            del jobs[index]
-            outcomes[index] = refusal
+        jobs, block = self._frame_jobs(chunks, watcher, outcomes)
         async with self._admission.hold_all([job.key for job in jobs.values()]):
-            found = await self._sessions.find_many([job.key for job in jobs.values()])
-            runs: dict[int, Run] = {}
-            for (index, job), session in zip(jobs.items(), found, strict=True):
-                try:
-                    judged = self._contract.decide(job, session)
-                except ServingError as error:
-                    outcomes[index] = error
-                    continue
-                if isinstance(judged, Run):
-                    runs[index] = judged
-                else:
-                    outcomes[index] = judged
+            runs = await self._judge_frame(jobs, outcomes)
             if runs:
-                await self._run_frame(runs, outcomes)
+                rows = [row for row, index in enumerate(jobs) if index in runs]
+                await self._run_frame(runs, block if len(rows) == len(block) else block[rows], outcomes)
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def end_session(self, session_id: str, namespace: str = "") -> int:
@@ -143,7 +119,9 @@ class Engine:
         if isinstance(judged, ChunkResult):
             return judged
         y, new_state = await self._batcher.run(job.chunk.inputs, judged.state, job.backlog)
-        result = await self._contract.commit(judged, answered(job.chunk, y), new_state)
+        [result] = await self._contract.commit([judged], [answered(job.chunk, y)], [new_state])
+        if isinstance(result, Exception):
+            raise result
         self._metrics.chunks_applied(len(job.chunk.inputs))
         return result
 
@@ -162,9 +140,47 @@ class Engine:
         except SessionMovedError as moved:
             raise SessionMovedError(job.session_id, moved.steps) from None
 
-    async def _run_frame(self, runs: dict[int, Run], outcomes: list[Outcome | None]) -> None:
-        """Run a frame's runnable chunks as one block, and commit each (or fail them all with the run)."""
-        x = np.stack([run.job.chunk.inputs for run in runs.values()])
+    def _frame_jobs(
+        self, chunks: list[Chunk], watcher: Watcher | None, outcomes: list[Outcome | None]
+    ) -> tuple[dict[int, Job], np.ndarray]:
+        """The frame's chunks that pass its checks, by position, and their inputs as one block (in that
+        order); the others' errors go to `outcomes`."""
+        jobs: dict[int, Job] = {}
+        for index, chunk in enumerate(chunks):
+            try:
+                jobs[index] = self._job(chunk, watcher, values=False)
+            except ServingError as error:
+                outcomes[index] = error
+        lengths = {index: len(job.chunk.inputs) for index, job in jobs.items()}
+        refused = misfits({index: job.key for index, job in jobs.items()}, lengths)
+        for _ in range(2):  # once for misfits, once for bad values (rare: the block is stacked again)
+            for index, refusal in refused.items():
+                del jobs[index]
+                outcomes[index] = refusal
+            block = np.stack([job.chunk.inputs for job in jobs.values()]) if jobs else np.empty(0)
+            refused = value_errors(block, list(jobs), self.model) if jobs else {}
+            if not refused:
+                break
+        return jobs, block
+
+    async def _judge_frame(self, jobs: dict[int, Job], outcomes: list[Outcome | None]) -> dict[int, Run]:
+        """The frame's chunks to run, by position; the others' answers (replays) or errors to `outcomes`."""
+        found = await self._sessions.find_many([job.key for job in jobs.values()])
+        runs: dict[int, Run] = {}
+        for (index, job), session in zip(jobs.items(), found, strict=True):
+            try:
+                judged = self._contract.decide(job, session)
+            except ServingError as error:
+                outcomes[index] = error
+                continue
+            if isinstance(judged, Run):
+                runs[index] = judged
+            else:
+                outcomes[index] = judged
+        return runs
+
+    async def _run_frame(self, runs: dict[int, Run], x: np.ndarray, outcomes: list[Outcome | None]) -> None:
+        """Run a frame's runnable chunks `x` as one block and commit them (or fail them all with the run)."""
         states = np.stack([run.state for run in runs.values()])
         try:
             ys, new_states = await self._batcher.run_block(x, states)
@@ -172,16 +188,15 @@ class Engine:
             for index in runs:
                 outcomes[index] = error
             return
-        applied = 0
-        for row, (index, run) in enumerate(runs.items()):
-            try:
-                outcomes[index] = await self._contract.commit(
-                    run, answered(run.job.chunk, ys[row]), new_states[row]
-                )
-                applied += 1
-            except Exception as error:  # a frame's session fails alone, whatever failed
-                outcomes[index] = await self._recommitted(run.job, error)
-        self._metrics.chunks_applied(len(x[0]), applied)
+        answers = [answered(run.job.chunk, y) for run, y in zip(runs.values(), ys, strict=True)]
+        committed = await self._contract.commit(list(runs.values()), answers, new_states)
+        for (index, run), outcome in zip(runs.items(), committed, strict=True):
+            outcomes[index] = (
+                outcome if isinstance(outcome, ChunkResult) else await self._recommitted(run.job, outcome)
+            )
+        self._metrics.chunks_applied(
+            x.shape[1], sum(isinstance(outcome, ChunkResult) for outcome in committed)
+        )
 
     async def _recommitted(self, job: Job, error: Exception) -> Outcome:
         """A frame's session whose commit failed with `error`: judged again alone if another server moved it

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving.domain.chunks import ChunkResult, ServedModel, check_values, split_key
+from serving.domain.chunks import ServedModel, check_values, split_key
 from serving.domain.errors import InvalidChunkError
-
-Outcome = ChunkResult | Exception  # a frame's session: its result, or its error alone
 
 
 def misfits(keys: dict[int, str], lengths: dict[int, int]) -> dict[int, InvalidChunkError]:

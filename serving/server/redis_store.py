@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from serving.domain.errors import StoreUnavailableError
-from serving.domain.sessions.store import Cutoffs, EndReason, Expired, HeldBytes, Session
+from serving.domain.sessions.store import Cutoffs, EndReason, Expired, HeldBytes, Replacement, Session
 from serving.server.redis_scripts import SCRIPTS, decode_replay, encode_replay
 
 SWEEP_SLICE = 2000  # sessions one expire script looks at
@@ -100,26 +100,32 @@ class RedisSessionStore:
         """Close the connections."""
         await self._client.aclose()
 
-    async def get(self, session_id: str, now: float) -> Session | None:
-        """The session as it was before this look-up, which is a use: its last use becomes `now`."""
-        fields = await self._script(
-            "get", [self._key(session_id), self._used], [now, session_id, self._ttl_ms]
-        )
-        return None if fields is None else self._decode(fields)
+    async def get(self, session_ids: Sequence[str], now: float) -> list[Session | None]:
+        """Each session as it was before this look-up (None: none), which is a use: its last use becomes
+        `now`. One round trip for them all."""
+        calls = [
+            self._queue_script("get", [self._key(session_id), self._used], [now, session_id, self._ttl_ms])
+            for session_id in session_ids
+        ]
+        return [None if fields is None else self._decode(fields) for fields in await asyncio.gather(*calls)]
 
     async def create(self, session_id: str, session: Session) -> bool:
         """Add `session` unless `session_id` is taken; False (nothing written) when it is."""
-        created = await self._write(session_id, session, expected="")
+        created = bool(await self._queue_write(session_id, session, None))
         self._count += created
         return created
 
-    async def replace(self, session_id: str, session: Session, *, steps: int) -> bool:
-        """Swap in `session` if the stored one has consumed `steps`; False (nothing written) otherwise."""
-        return await self._write(session_id, session, expected=str(steps))
+    async def replace(self, replacements: Sequence[Replacement]) -> list[bool]:
+        """Swap in each successor whose stored session has consumed its `steps`; False (nothing written for
+        it) for the others. One round trip for them all."""
+        calls = [self._queue_write(*replacement) for replacement in replacements]
+        return [bool(written) for written in await asyncio.gather(*calls)]
 
     async def end(self, session_id: str) -> Session | None:
         """Remove a session and return it; None when there was none."""
-        fields = await self._script("end", [self._key(session_id), self._used, self._born], [session_id])
+        fields = await self._queue_script(
+            "end", [self._key(session_id), self._used, self._born], [session_id]
+        )
         if fields is None:
             return None
         self._count = max(self._count - 1, 0)
@@ -131,7 +137,7 @@ class RedisSessionStore:
         args = [min(cutoffs.used_s, _HUGE), min(cutoffs.created_s, _HUGE), SWEEP_SLICE, self._key("")]
         more = True
         while more:
-            reply = await self._script("expire", [self._used, self._born], args)
+            reply = await self._queue_script("expire", [self._used, self._born], args)
             more, self._count = bool(reply[0]), int(reply[1])
             rows = reply[2:]
             yield [
@@ -141,7 +147,7 @@ class RedisSessionStore:
 
     async def least_recent(self) -> str | None:
         """The id of the session used longest ago; None when there is none."""
-        ids = await self._script("oldest", [self._used], [])
+        ids = await self._queue_script("oldest", [self._used], [])
         return _text(ids[0]) if ids else None
 
     def __len__(self) -> int:
@@ -155,26 +161,26 @@ class RedisSessionStore:
     def _key(self, session_id: str) -> str:
         return f"{self._prefix}s:{session_id}"
 
-    async def _write(self, session_id: str, session: Session, *, expected: str) -> bool:
+    def _queue_write(self, session_id: str, session: Session, steps: int | None) -> asyncio.Future[Any]:
+        """Queue the write of `session` if the stored one has consumed `steps` (None: if there is none)."""
         state, replay = session.state, session.replay
         if state.shape != self._shape or state.dtype != np.float32:
             raise ValueError(f"state must be float32 {self._shape}, got {state.dtype} {state.shape}")
         args = [
             session_id, session.steps, repr(session.created_s), repr(session.last_used_s),
             state.astype("<f4", copy=False).tobytes(), b"" if replay is None else encode_replay(replay),
-            self._ttl_ms, expected,
+            self._ttl_ms, "" if steps is None else str(steps),
         ]  # fmt: skip
-        written = await self._script("write", [self._key(session_id), self._used, self._born], args)
-        return bool(written)
+        return self._queue_script("write", [self._key(session_id), self._used, self._born], args)
 
-    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run script `name` in the next round trip and return its reply."""
+    def _queue_script(self, name: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Queue script `name` for the next round trip; its reply resolves the future returned."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append(_Call(self._digests[name], len(keys), (*keys, *args), future))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush())
-        return await future
+        return future
 
     async def _load_scripts(self) -> None:
         for lua in SCRIPTS.values():

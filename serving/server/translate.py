@@ -193,22 +193,30 @@ def frame_result_to_pb(
 ) -> pb.FrameResult:
     """The FrameResult of a frame's outcomes (each a result, or the error of that session alone)."""
     time = 1 if frame.outputs == pb.OUTPUT_MODE_LAST else len(chunks[0].inputs)
-    outputs = np.zeros((len(chunks), time, output_size), "<f4")
+    failed = np.zeros((time, output_size), "<f4")  # a failed session's rows
     result = pb.FrameResult(frame_id=frame.frame_id)
+    # Columns gathered in lists and written once: a protobuf append per value costs several list appends.
+    rows, session_ids, steps, ended, replayed = [], [], [], [], []
     for index, (chunk, outcome) in enumerate(zip(chunks, outcomes, strict=True)):
         if isinstance(outcome, ChunkResult):
-            outputs[index] = outcome.outputs
-            result.session_ids.append(outcome.session_id)
-            result.steps.append(outcome.steps)
-            result.ended.append(outcome.ended)
-            result.replayed.append(outcome.replayed)
+            rows.append(outcome.outputs)
+            session_ids.append(outcome.session_id)
+            steps.append(outcome.steps)
+            ended.append(outcome.ended)
+            replayed.append(outcome.replayed)
             continue
         code, message = status_for(outcome)
         result.errors.append(pb.FrameError(index=index, code=code.value[0], message=message))
-        result.session_ids.append(chunk.session_id)
-        result.steps.append(-1)
-        result.ended.append(False)
-        result.replayed.append(False)
+        rows.append(failed)
+        session_ids.append(chunk.session_id)
+        steps.append(-1)
+        ended.append(False)
+        replayed.append(False)
+    result.session_ids.extend(session_ids)
+    result.steps.extend(steps)
+    result.ended.extend(ended)
+    result.replayed.extend(replayed)
+    outputs = np.stack(rows).astype("<f4", copy=False)
     result.outputs.dtype = pb.DTYPE_FLOAT32
     result.outputs.shape[:] = outputs.shape
     result.outputs.data = outputs.tobytes()

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from serving.domain.errors import (
     CapacityExceededError,
+    ServingError,
     SessionMovedError,
     SessionNotFoundError,
 )
@@ -25,6 +27,7 @@ from serving.domain.sessions.store import (
     EVERYTHING,
     Cutoffs,
     EndReason,
+    Replacement,
     Replay,
     Session,
     SessionEnd,
@@ -34,6 +37,24 @@ from serving.domain.sessions.store import (
 logger = logging.getLogger(__name__)
 
 Listener = Callable[[SessionEnd], None]
+
+
+class Commit(NamedTuple):
+    """A session's state after a chunk, to store as the successor of `previous` (None: a new session)."""
+
+    session_id: str
+    previous: Session | None
+    state: np.ndarray
+    steps: int
+    replay: Replay
+    restart: bool = False  # the chunk started it afresh (reset): its lifetime starts over
+
+
+async def _outcome(create: Awaitable[bool]) -> bool | ServingError:
+    try:
+        return await create
+    except ServingError as error:
+        return error
 
 
 @dataclass(frozen=True)
@@ -75,14 +96,12 @@ class Sessions:
         """`find` of each session, at one reading of the clock."""
         now = self._clock()
         cutoffs = self._cutoffs(now)
-        found: list[Session | None] = []
-        for session_id in session_ids:
-            session = await self._store.get(session_id, now)
+        found = await self._store.get(session_ids, now)
+        for index, session in enumerate(found):
             reason = None if session is None else cutoffs.reason(session.created_s, session.last_used_s)
             if reason is not None:
-                await self._end(session_id, reason)
-                session = None
-            found.append(session)
+                await self._end(session_ids[index], reason)
+                found[index] = None
         return found
 
     async def get(self, session_id: str) -> Session:
@@ -112,22 +131,38 @@ class Sessions:
         `previous` is the session as it was when the chunk began (None: a new session); it is replaced only if
         it is still what the store holds. `restart`: the chunk started it afresh (reset).
         """
+        [stored] = await self.commit_many([Commit(session_id, previous, state, steps, replay, restart)])
+        if isinstance(stored, Exception):
+            raise stored
+        return stored
+
+    async def commit_many(self, commits: Sequence[Commit]) -> list[bool | ServingError]:
+        """`commit` of each, the replacements in one store call: for each, True when it created its session,
+        or why it was not stored (`SessionMovedError`, `SessionNotFoundError`, `CapacityExceededError`)."""
         now = self._clock()
-        if previous is None:
-            await self._make_room()
-            if not await self._store.create(session_id, Session(state, steps, now, now, replay)):
-                current = await self._store.get(session_id, now)  # started by another server meanwhile
-                raise SessionMovedError(session_id, 0 if current is None else current.steps)
-            self._ended.discard(session_id)  # the id starts over: its old session's replay is void
-            return True
-        created_s = now if restart else previous.created_s
-        successor = Session(state, steps, created_s, now, replay)
-        if await self._store.replace(session_id, successor, steps=previous.steps):
-            return False
-        current = await self._store.get(session_id, now)
-        if current is None:
-            raise SessionNotFoundError(session_id)  # ended while its chunk ran
-        raise SessionMovedError(session_id, current.steps)  # another server applied a chunk meanwhile
+        stored: list[bool | ServingError] = [False] * len(commits)
+        replacing: list[tuple[int, Replacement]] = []
+        for index, (session_id, previous, state, steps, replay, restart) in enumerate(commits):
+            if previous is None:
+                new = Session(state, steps, now, now, replay)
+                stored[index] = await _outcome(self._create(session_id, new, now))
+            else:
+                created_s = now if restart else previous.created_s
+                successor = Session(state, steps, created_s, now, replay)
+                replacing.append((index, Replacement(session_id, successor, previous.steps)))
+        if not replacing:
+            return stored
+        written = await self._store.replace([replacement for _, replacement in replacing])
+        stale = [(index, r.session_id) for (index, r), ok in zip(replacing, written, strict=True) if not ok]
+        if stale:
+            current = await self._store.get([session_id for _, session_id in stale], now)
+            for (index, session_id), session in zip(stale, current, strict=True):
+                stored[index] = (
+                    SessionNotFoundError(session_id)  # ended while its chunk ran
+                    if session is None
+                    else SessionMovedError(session_id, session.steps)  # another server applied one meanwhile
+                )
+        return stored
 
     async def end(self, session_id: str, reason: EndReason, *, keep_replay: bool = False) -> SessionEnd:
         """End a live session now; raises `SessionNotFoundError`. `keep_replay`: it ended with its own last
@@ -189,6 +224,14 @@ class Sessions:
     def _cutoffs(self, now: float) -> Cutoffs:
         limits = self._limits
         return Cutoffs(now - limits.lifetime_s, now - limits.idle_ttl_s, now - limits.replay_window_s)
+
+    async def _create(self, session_id: str, session: Session, now: float) -> bool:
+        await self._make_room()
+        if not await self._store.create(session_id, session):
+            [current] = await self._store.get([session_id], now)  # started by another server meanwhile
+            raise SessionMovedError(session_id, 0 if current is None else current.steps)
+        self._ended.discard(session_id)  # the id starts over: its old session's replay is void
+        return True
 
     async def _make_room(self) -> None:
         self.check_capacity()

@@ -7,13 +7,13 @@ loop owns it. No call suspends: on one loop, each is atomic.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from serving.domain.sessions.slab import StateSlab
-from serving.domain.sessions.store import Cutoffs, Expired, HeldBytes, Replay, Session
+from serving.domain.sessions.store import Cutoffs, Expired, HeldBytes, Replacement, Replay, Session
 
 # Sessions `expire` looks at before it yields: 1-4 ms on the bench host, where a whole pass over 100k
 # sessions takes 40-160 ms (160 when it drops their replays).
@@ -41,13 +41,20 @@ class InMemorySessionStore:
         self._slab = StateSlab(state_shape)
         self._replay_bytes = 0  # of the entries' replay outputs, kept as they change: read at every scrape
 
-    async def get(self, session_id: str, now: float) -> Session | None:
-        """The session as it was before this look-up, which is a use: its last use becomes `now`."""
-        entry = self._entries.pop(session_id, None)
-        if entry is None:
-            return None
-        self._entries[session_id] = entry._replace(last_used_s=now)  # re-inserted last: most recently used
-        return self._session(entry)
+    async def get(self, session_ids: Sequence[str], now: float) -> list[Session | None]:
+        """Each session as it was before this look-up (None: none), which is a use: its last use becomes
+        `now`."""
+        entries = self._entries
+        found: list[Session | None] = []
+        for session_id in session_ids:
+            entry = entries.pop(session_id, None)
+            if entry is None:
+                found.append(None)
+                continue
+            slot, steps, created_s, _, replay = entry
+            entries[session_id] = _Entry(slot, steps, created_s, now, replay)  # re-inserted last: most recent
+            found.append(Session(self._slab.view(slot), steps, created_s, entry.last_used_s, replay))
+        return found
 
     async def create(self, session_id: str, session: Session) -> bool:
         """Add `session` unless `session_id` is taken; False (nothing written) when it is."""
@@ -56,17 +63,22 @@ class InMemorySessionStore:
         self._entries[session_id] = self._entry(session)
         return True
 
-    async def replace(self, session_id: str, session: Session, *, steps: int) -> bool:
-        """Swap in `session` if the stored one has consumed `steps`; False (nothing written) otherwise."""
-        old = self._entries.get(session_id)
-        if old is None or old.steps != steps:
-            return False
-        # A new row, the old one released after: a reader of the old state never sees it change mid-chunk.
-        entry = self._entry(session)
-        self._forget(old)
-        del self._entries[session_id]
-        self._entries[session_id] = entry
-        return True
+    async def replace(self, replacements: Sequence[Replacement]) -> list[bool]:
+        """Swap in each successor whose stored session has consumed its `steps`; False (nothing written for
+        it) for the others."""
+        entries, written = self._entries, []
+        for session_id, session, steps in replacements:
+            old = entries.get(session_id)
+            if old is None or old.steps != steps:
+                written.append(False)
+                continue
+            # A new row, the old one released after: a reader of the old state never sees it change mid-chunk.
+            entry = self._entry(session)
+            self._forget(old)
+            del entries[session_id]
+            entries[session_id] = entry
+            written.append(True)
+        return written
 
     async def end(self, session_id: str) -> Session | None:
         """Remove a session and return it (its state a copy); None when there was none."""
@@ -114,13 +126,10 @@ class InMemorySessionStore:
         self._replay_bytes += _nbytes(session.replay)
         return _Entry(slot, session.steps, session.created_s, session.last_used_s, session.replay)
 
-    def _session(self, entry: _Entry) -> Session:
-        state = self._slab.view(entry.slot)
-        return Session(state, entry.steps, entry.created_s, entry.last_used_s, entry.replay)
-
     def _remove(self, session_id: str, entry: _Entry) -> Session:
         del self._entries[session_id]
-        session = self._session(entry)._replace(state=self._slab.view(entry.slot).copy())
+        slot, steps, created_s, last_used_s, replay = entry
+        session = Session(self._slab.view(slot).copy(), steps, created_s, last_used_s, replay)
         self._forget(entry)
         return session
 

@@ -2,7 +2,8 @@
 
 A backend keeps `session_id -> Session` and nothing else: look up, create, replace with a compare-and-set on
 the step count, end, expire, count (and name its least recently used session, for eviction at capacity, and
-say what memory it holds here).
+say what memory it holds here). Look-ups and replacements take many sessions per call: a frame's sessions
+go through the store together (one loop in memory, one round trip to a networked store).
 What the contract builds over it (capacity, end notices, ended sessions' replays, snapshots) lives in
 `serving.domain.sessions.lifecycle` and `.snapshots`, the same for every backend. The compare-and-set is what
 makes a shared backend safe: two servers can never both apply a chunk at the same offset.
@@ -11,7 +12,7 @@ makes a shared backend safe: two servers can never both apply a chunk at the sam
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -89,6 +90,15 @@ class HeldBytes(NamedTuple):
 
 Expired = tuple[str, Session, EndReason]  # a session `expire` removed, and why
 
+
+class Replacement(NamedTuple):
+    """A session's successor, to be written if the stored session has consumed `steps` (compare-and-set)."""
+
+    session_id: str
+    session: Session
+    steps: int
+
+
 EVERYTHING = Cutoffs(float("inf"), float("inf"), float("inf"))  # every session is past these
 
 
@@ -103,17 +113,18 @@ class SessionStore(Protocol):
     # server instead of ending them.
     durable: bool
 
-    async def get(self, session_id: str, now: float) -> Session | None:
-        """The session as it was before this look-up, which is a use: its last use becomes `now`."""
+    async def get(self, session_ids: Sequence[str], now: float) -> list[Session | None]:
+        """Each session as it was before this look-up (None: none), which is a use: its last use becomes
+        `now`."""
         ...
 
     async def create(self, session_id: str, session: Session) -> bool:
         """Add `session` unless `session_id` is taken; False (nothing written) when it is."""
         ...
 
-    async def replace(self, session_id: str, session: Session, *, steps: int) -> bool:
-        """Swap in `session` if the stored one has consumed `steps` (compare-and-set); False when it has not
-        or is gone: the caller's copy was stale, and nothing was written."""
+    async def replace(self, replacements: Sequence[Replacement]) -> list[bool]:
+        """Swap in each successor whose stored session has consumed its `steps` (compare-and-set); False for
+        one whose has not or is gone: the caller's copy was stale, and nothing was written for it."""
         ...
 
     async def end(self, session_id: str) -> Session | None:
