@@ -20,8 +20,10 @@ from local_services import RedisServer, conveyor_process, free_port, redis_serve
 from serving_harness import assert_close, chunk, connect, make_inputs, offline, outputs, running, scrape
 
 from serving.client import ClientOptions, ConveyorClient, ConveyorError, RetryPolicy
+from serving.client.frames import pack
 from serving.domain.errors import StoreUnavailableError
 from serving.server.app import RunningServer
+from serving.wire.tensors import decode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -176,6 +178,42 @@ def test_two_replicas_racing_on_one_session_apply_each_offset_once(
             pieces.append(applied[0])
         assert_close(np.concatenate(pieces), offline(token_artifact, x))
         assert _applied_steps(one) + _applied_steps(two) == len(x)  # each offset applied exactly once
+
+
+def test_frames_alternate_between_replicas_on_one_store_in_few_round_trips(
+    token_artifact: Path, redis: RedisServer
+) -> None:
+    """A gateway's frames, each to the other replica: every session continues wherever its last frame went,
+    and a frame's look-ups and writes go to Redis together, not one round trip per session (new sessions are
+    created one by one, each checked against the capacity: the first frame is not counted)."""
+    sequences = _sequences(token_artifact)
+    ids = list(sequences)
+    with (
+        running(token_artifact, store=redis.url) as one,
+        running(token_artifact, store=redis.url) as two,
+        connect(one) as stub_one,
+        connect(two) as stub_two,
+    ):
+        got: list[list[np.ndarray]] = [[] for _ in ids]
+        trips = []
+        for number, offset in enumerate(range(0, STEPS, 4)):
+            requests = [
+                chunk(sid, sequences[sid][offset : offset + 4], offset, start=offset == 0) for sid in ids
+            ]
+            stub = (stub_one, stub_two)[number % 2]
+            [response] = list(stub.Frames(iter([pack(requests, str(number))]), timeout=10))
+            assert not response.result.errors, response.result.errors
+            for row, piece in enumerate(decode(response.result.outputs)):
+                got[row].append(piece)
+            trips.append(_round_trips(one) + _round_trips(two))
+        assert trips[-1] - trips[0] == 2 * (len(trips) - 1)  # a look-up and a write per frame of 8 sessions
+    for sid, pieces in zip(ids, got, strict=True):
+        assert_close(np.concatenate(pieces), offline(token_artifact, sequences[sid]))
+
+
+def _round_trips(server: RunningServer) -> float:
+    _, samples = scrape(server)
+    return samples["conveyor_store_round_trip_seconds_count"]
 
 
 def _answer(stub: object, request: object) -> np.ndarray | str:

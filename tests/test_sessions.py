@@ -22,7 +22,7 @@ from serving.domain.errors import (
     SessionNotFoundError,
     SnapshotModelMismatchError,
 )
-from serving.domain.sessions.lifecycle import SessionLimits, Sessions
+from serving.domain.sessions.lifecycle import Commit, SessionLimits, Sessions
 from serving.domain.sessions.memory import SWEEP_SLICE, InMemorySessionStore
 from serving.domain.sessions.snapshots import SnapshotCodec
 from serving.domain.sessions.store import EndReason, Replacement, Replay, Session, SessionEnd
@@ -250,6 +250,44 @@ def test_a_stale_copy_is_never_committed() -> None:
         assert current.steps == 2 and np.array_equal(current.state, _state(1.0))
         assert await life.store.replace([Replacement("raced", current, 1)]) == [False]
         assert await life.store.create("raced", current) is False
+
+    _run(scenario)
+
+
+def test_a_frames_commits_are_judged_each_alone_in_one_call() -> None:
+    """One call for a frame's sessions: a new one, a fresh successor, a stale one, one ended meanwhile and one
+    over capacity; each gets its own outcome, and only what was current is written."""
+
+    async def scenario() -> None:
+        life = Lifecycle(FakeClock())
+        await life.start("fresh", 1)
+        await life.start("raced", 1)
+        fresh, raced = await life.sessions.find_many(["fresh", "raced"])
+        assert fresh is not None and raced is not None
+        await life.advance("raced", 2, 1.0, offset=1)  # moved on meanwhile
+        await life.start("gone", 1)
+        gone = await life.sessions.get("gone")
+        await life.sessions.end("gone", EndReason.END)
+        outcomes = await life.sessions.commit_many(
+            [
+                Commit("fresh", fresh, _state(5.0), 2, _replay(1)),
+                Commit("new", None, _state(6.0), 1, _replay()),
+                Commit("raced", raced, _state(9.0), 2, _replay(1)),
+                Commit("gone", gone, _state(9.0), 2, _replay(1)),
+                Commit("over", None, _state(9.0), 1, _replay()),  # the fourth live session: over capacity 3
+            ]
+        )
+        assert outcomes[:2] == [False, True]
+        assert isinstance(outcomes[2], SessionMovedError) and isinstance(outcomes[3], SessionNotFoundError)
+        assert isinstance(outcomes[4], CapacityExceededError)
+        found = await life.sessions.find_many(["fresh", "new", "raced", "gone", "over"])
+        assert [None if s is None else (s.steps, float(s.state[0])) for s in found] == [
+            (2, 5.0),
+            (1, 6.0),
+            (2, 1.0),
+            None,
+            None,
+        ]
 
     _run(scenario)
 
