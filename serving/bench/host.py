@@ -102,11 +102,12 @@ def _stop(process: subprocess.Popen[str]) -> None:
 def _serve(spec: dict[str, Any], out: TextIO) -> None:
     from prometheus_client import CollectorRegistry
 
-    from serving.server.app import build_server
+    from serving.server.app import build_server, settle_heap
     from serving.server.config import ServerConfig
 
     config = ServerConfig(model_dir=Path(spec["model_dir"]), port=0, metrics_port=0, **spec["config"])
     server = build_server(config, CollectorRegistry())
+    settle_heap()  # as `conveyor serve` does
     try:
         print(json.dumps({"port": server.port, "metrics_port": server.metrics_port}), file=out, flush=True)
         sys.stdin.read()
