@@ -67,15 +67,19 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     lengths = sorted({row.chunk_steps for row in rows})
+    colors = {label: f"C{i % 10}" for i, label in enumerate(_series(rows))}  # a mode's color in every panel
     figure, axes = plt.subplots(len(lengths), 3, figsize=(18, 4.5 * len(lengths)), squeeze=False)
     for (throughput, latency, cpu), length in zip(axes, lengths, strict=True):
         for label, series in _series([row for row in rows if row.chunk_steps == length]).items():
             sessions = [row.sessions for row in series]
             marker = "o-" if len(series) > 1 else "s"
-            throughput.plot(sessions, [row.timesteps_per_s for row in series], marker, label=label)
-            latency.plot(sessions, [row.p99_ms for row in series], marker, label=label)
             cpu_s = [math.nan if row.cpu_s_per_1k_steps is None else row.cpu_s_per_1k_steps for row in series]
-            cpu.plot(sessions, cpu_s, marker, label=label)
+            for axis, values in (
+                (throughput, [row.timesteps_per_s for row in series]),
+                (latency, [row.p99_ms for row in series]),
+                (cpu, cpu_s),
+            ):
+                axis.plot(sessions, values, marker, label=label, color=colors[label])
         panels = (
             (throughput, "timesteps/s"),
             (latency, "p99 chunk latency (ms)"),
