@@ -8,16 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.experiment import (
-    Setting,
-    SweepOptions,
-    Trial,
-    best_trial,
-    collapse_points,
-    matched_configs,
-    run_gap_sweep,
-)
+from training.experiment import best_trial, collapse_points, matched_configs, run_gap_sweep
 from training.model import SequenceModel, count_parameters
+from training.sweep_options import Setting, SweepOptions, Trial
 from training.sweep_report import AT_CHANCE
 from training.tasks.language import LanguageTask
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from training.model import CellKind, ModelConfig, SequenceModel, count_parameters
+from training.sweep_options import Setting, SweepOptions, Trial
 from training.tasks.language import LANGUAGES
-
-if TYPE_CHECKING:
-    from training.experiment import Setting, SweepOptions, Trial
 
 CHANCE = 1.0 / len(LANGUAGES)  # a uniform guess among the 40 languages
 AT_CHANCE = 2.0 * CHANCE  # "at chance": a mean accuracy below twice that

@@ -90,7 +90,8 @@ def card(args: argparse.Namespace) -> None:
 
 
 def experiment(args: argparse.Namespace) -> None:
-    from training.experiment import SweepOptions, run_gap_sweep
+    from training.experiment import run_gap_sweep
+    from training.sweep_options import SweepOptions
 
     with _user_errors(OSError):
         run_gap_sweep(args.out, SweepOptions.quick() if args.quick else SweepOptions())
