@@ -216,7 +216,7 @@ def frame_result_to_pb(
     result.steps.extend(steps)
     result.ended.extend(ended)
     result.replayed.extend(replayed)
-    outputs = np.stack(rows).astype("<f4", copy=False)
+    outputs = np.array(rows, "<f4")  # np.stack costs 2-3x as much for many small rows of one shape
     result.outputs.dtype = pb.DTYPE_FLOAT32
     result.outputs.shape[:] = outputs.shape
     result.outputs.data = outputs.tobytes()
