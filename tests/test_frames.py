@@ -23,7 +23,7 @@ from serving_harness import (
     running,
 )
 
-from serving.client import AsyncConveyorClient
+from serving.client import AsyncConveyorClient, ConveyorError
 from serving.client.frames import pack
 from serving.server.app import RunningServer
 from serving.wire import pb, pb_grpc
@@ -102,6 +102,27 @@ def test_sessions_streamed_in_random_frames_mixed_with_stream_chunks_match_each_
     for x, got in zip(sequences.values(), mixed, strict=True):
         assert_close(got, offline(artifact, x))
     assert_close(framed, offline(artifact, sequences["mix-0"]))
+
+
+def test_a_chunk_whose_tensor_does_not_parse_never_shares_a_frame(served: Served) -> None:
+    """The client's packer: a chunk with fewer bytes than its shape says would make its whole frame's tensor
+    unreadable; it leaves in a frame of its own, and the chunks submitted with it are answered."""
+    artifact, server = served
+    x = make_inputs(artifact, 3, np.random.default_rng(12))
+    good = [chunk(f"near-{i}", x, 0, start=True) for i in range(3)]
+    short = chunk("short", x, 0, start=True)
+    short.inputs.data = short.inputs.data[:-1]
+
+    async def main() -> list[pb.ChunkResponse | BaseException]:
+        async with AsyncConveyorClient(f"127.0.0.1:{server.port}") as client:
+            sends = [client.frame_chunk(request) for request in (good[0], short, *good[1:])]
+            return await asyncio.gather(*sends, return_exceptions=True)
+
+    first, refused, *rest = asyncio.run(main())
+    assert isinstance(refused, ConveyorError) and refused.code == grpc.StatusCode.INVALID_ARGUMENT
+    for answer in (first, *rest):
+        assert isinstance(answer, pb.ChunkResponse) and answer.steps == len(x)
+        assert_close(outputs(answer), offline(artifact, x))
 
 
 def test_one_bad_session_fails_alone_and_its_state_is_untouched(served: Served) -> None:

@@ -23,8 +23,8 @@ from serving.wire import pb
 
 pytestmark = pytest.mark.timeout(90)
 
-TRAFFIC = ("opened", "opened, id issued", "via Stream", "via Step", "idle", "reconnect", "retry", "end flag",
-           "EndSession", "expiry", "bad", "timesteps")  # fmt: skip
+TRAFFIC = ("opened", "opened, id issued", "via Stream", "via Frames", "via Step", "idle", "reconnect",
+           "retry", "end flag", "EndSession", "expiry", "bad", "timesteps")  # fmt: skip
 CODES = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "ABORTED", "ALREADY_EXISTS"}
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from serving.client.core import ConveyorError
 from serving.wire import pb
-from serving.wire.tensors import decode, encode
+from serving.wire.tensors import TensorDecodeError, decode, encode
 
 SendFrame = Callable[[pb.Frame], Awaitable[pb.FrameResult]]
 _Queued = tuple[pb.ChunkRequest, "asyncio.Future[pb.ChunkResponse]"]
@@ -66,17 +66,31 @@ class FramePacker:
 
 
 def _frames(queued: list[_Queued]) -> list[list[_Queued]]:
-    """Groups of chunks that can share a frame: one shape, dtype and output mode, each session once."""
+    """Groups of chunks that can share a frame: one shape, dtype and output mode, each session once. A chunk
+    whose tensor does not parse goes alone: in a frame, it would make the whole frame's tensor unreadable and
+    fail its neighbours with it."""
     groups: dict[tuple[object, ...], list[list[_Queued]]] = {}
+    alone: list[list[_Queued]] = []
     for item in queued:
         request = item[0]
+        if not _parses(request.inputs):
+            alone.append([item])  # the server answers its error, for it alone
+            continue
         key = (tuple(request.inputs.shape), request.inputs.dtype, request.outputs)
         frames = groups.setdefault(key, [[]])
         taken = {queued_request.session_id for queued_request, _ in frames[-1]}
         if request.session_id and request.session_id in taken:
             frames.append([])  # a session's next chunk waits for the next frame
         frames[-1].append(item)
-    return [frame for frames in groups.values() for frame in frames]
+    return [frame for frames in groups.values() for frame in frames] + alone
+
+
+def _parses(tensor: pb.Tensor) -> bool:
+    try:
+        decode(tensor)
+    except TensorDecodeError:
+        return False
+    return True
 
 
 def pack(requests: list[pb.ChunkRequest], frame_id: str) -> pb.Frame:

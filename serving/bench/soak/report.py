@@ -38,7 +38,10 @@ def _traffic(tally: Tally) -> str:
     kinds, checks = tally.kinds, tally.checks
     rows = [
         ("sessions opened (ids issued by the server)", f"{_opened(tally)} ({kinds['opened, id issued']})"),
-        ("chunk requests over Stream / Step", f"{kinds['via Stream']} / {kinds['via Step']}"),
+        (
+            "chunk requests over Stream / Frames / Step",
+            f"{kinds['via Stream']} / {kinds['via Frames']} / {kinds['via Step']}",
+        ),
         ("timesteps applied", f"{kinds['timesteps']}"),
         ("idle pauses (under the TTL)", f"{kinds['idle']}"),
         ("reconnects (a new connection, same session)", f"{kinds['reconnect']}"),

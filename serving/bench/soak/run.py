@@ -138,7 +138,7 @@ async def _sample(
 
 
 def _progress_line(seconds: float, rss: int, tally: Tally) -> str:
-    chunks = tally.kinds["via Stream"] + tally.kinds["via Step"]
+    chunks = tally.kinds["via Stream"] + tally.kinds["via Frames"] + tally.kinds["via Step"]
     return (
         f"{seconds / 60:5.1f} min  {tally.kinds['opened'] + tally.kinds['opened, id issued']:7d} sessions  "
         f"{chunks:8d} chunk requests  {tally.unexpected} unexpected  server RSS {rss / 1e6:.1f} MB"

@@ -1,6 +1,7 @@
 """The soak's sessions, one after another in each of its slots.
 
-A session opens, streams chunks of random sizes over the Stream RPC or unary Step calls, and on the way may
+A session opens, streams chunks of random sizes over the Stream RPC, in frames (the Frames RPC: the chunks of
+a connection's sessions sent in one loop pass share one) or as unary Step calls, and on the way may
 idle (for less than the TTL), reconnect (a connection of its own, going on at its offset), retry (resend its
 last chunk: it must come back as a replay, identical) or send a bad request (which must get its code and leave
 the session as it was). It ends with its last chunk, with EndSession, or is left to expire (a chunk after the
@@ -29,7 +30,7 @@ T = TypeVar("T")
 # Before each chunk after the first, one of these detours may come first (probabilities).
 P_BAD, P_RETRY, P_RECONNECT, P_IDLE = 0.06, 0.05, 0.03, 0.03
 P_RETRY_AFTER_RECONNECT = 0.5  # as after an answer lost with the old connection
-P_STEP = 0.3  # a request goes as a unary Step call, else over the Stream
+P_STEP, P_FRAME = 0.25, 0.25  # a request goes as a unary Step call, or in a frame, else over the Stream
 P_LAST = 0.2  # a chunk asks for its last timestep's outputs only
 P_ISSUED = 0.2  # a session lets the server issue its id
 P_AFTER_END = 0.5  # an ended session is sent its ending chunk again (a replay) or one more chunk (NOT_FOUND)
@@ -245,9 +246,13 @@ class Traffic:
     def _send(
         self, s: _Session, request: pb.ChunkRequest, rng: np.random.Generator
     ) -> Awaitable[pb.ChunkResponse]:
-        if rng.random() < P_STEP:
+        draw = rng.random()
+        if draw < P_STEP:
             self._tally.count("via Step")
             return s.client.step(request)
+        if draw < P_STEP + P_FRAME:
+            self._tally.count("via Frames")
+            return s.client.frame_chunk(request)
         self._tally.count("via Stream")
         return s.client.stream_chunk(request)
 
