@@ -253,6 +253,25 @@ def test_a_frames_bad_session_fails_alone_and_a_repeated_session_is_refused() ->
     assert isinstance(longer, InvalidChunkError) and "3 steps, not the frame's 2" in str(longer)
 
 
+def test_a_frames_rows_with_values_the_model_cannot_take_fail_alone_and_the_rest_run() -> None:
+    """The frame's values are checked as one block; the rows that fail it get the message a chunk alone gets,
+    and the others run as they would alone."""
+    bad = np.array([1, VOCABULARY, 2])  # an id past the vocabulary
+
+    async def scenario(h: Harness) -> tuple[list[ChunkResult | Exception], str]:
+        frame = [Chunk("v1", X[:3], 0, start=True), Chunk("v2", bad, 0, start=True),
+                 Chunk("v3", X[:3], 0, start=True), Chunk("v4", -bad, 0, start=True)]  # fmt: skip
+        with pytest.raises(InvalidChunkError) as alone:
+            await h.engine.step(Chunk("solo", bad, 0, start=True))
+        return await h.engine.step_frame(frame), str(alone.value)
+
+    (v1, v2, v3, v4), solo = _run(scenario)
+    assert isinstance(v2, InvalidChunkError) and isinstance(v4, InvalidChunkError)
+    assert str(v2) == solo and "outside the vocabulary" in str(v4)
+    for good in (v1, v3):
+        assert isinstance(good, ChunkResult) and np.array_equal(good.outputs, _expected(X)[:3])
+
+
 def test_a_retry_of_the_chunk_that_started_and_ended_its_session_is_replayed_not_run_again() -> None:
     """Found by the soak: a start + end chunk sent again started a new session and ran the model twice."""
     runner = FakeRunner()

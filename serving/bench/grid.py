@@ -22,12 +22,8 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("batched", "one_stream", "frames", "durable", "unbatched", "stateless", "ort_floor", "echo")
-SERVER_MODES = (
-    "batched",
-    "one_stream",
-    "frames",
-    "stateless",
-)  # the modes that can drive a server started elsewhere
+# The modes that can drive a server started elsewhere.
+SERVER_MODES = ("batched", "one_stream", "frames", "stateless")
 
 
 class BenchError(Exception):

@@ -188,9 +188,9 @@ class Contract:
 
 
 def answered(chunk: Chunk, y: np.ndarray) -> np.ndarray:
-    """The outputs a chunk's answer carries of its run's `y` [time, outputs] (or a block's [rows, time,
-    outputs]): every timestep, or the last. A copy: the batcher's rows are views of the whole batch's."""
-    return (y[..., -1:, :] if chunk.outputs is OutputMode.LAST else y).copy()
+    """The outputs a chunk's answer carries of its run's `y` [time, outputs]: every timestep, or the last. A
+    copy: the batcher's rows are views of the whole batch's (and a replay keeps only its own row alive)."""
+    return (y[-1:] if chunk.outputs is OutputMode.LAST else y).copy()
 
 
 def _runnable(job: Job, previous: Session | None, state: np.ndarray, steps: int) -> Run:

@@ -152,16 +152,15 @@ class Engine:
             except ServingError as error:
                 outcomes[index] = error
         lengths = {index: len(job.chunk.inputs) for index, job in jobs.items()}
-        refused = misfits({index: job.key for index, job in jobs.items()}, lengths)
-        for _ in range(2):  # once for misfits, once for bad values (rare: the block is stacked again)
-            for index, refusal in refused.items():
-                del jobs[index]
-                outcomes[index] = refusal
-            # np.array rather than np.stack: for many small rows of one shape, 2-3x faster
-            block = np.array([job.chunk.inputs for job in jobs.values()]) if jobs else np.empty(0)
-            refused = value_errors(block, list(jobs), self.model) if jobs else {}
-            if not refused:
-                break
+        _refuse(jobs, misfits({index: job.key for index, job in jobs.items()}, lengths), outcomes)
+        if not jobs:
+            return jobs, np.empty(0)
+        # np.array rather than np.stack: for many small rows of one shape, 2-3x faster
+        block = np.array([job.chunk.inputs for job in jobs.values()])
+        bad = value_errors(block, list(jobs), self.model)
+        if bad:
+            block = block[[row for row, index in enumerate(jobs) if index not in bad]]
+            _refuse(jobs, bad, outcomes)
         return jobs, block
 
     async def _judge_frame(self, jobs: dict[int, Job], outcomes: list[Outcome | None]) -> dict[int, Run]:
@@ -219,3 +218,10 @@ class Engine:
                 return await operation()
             except SessionNotFoundError:  # the store knows the key; the client, its session id
                 raise SessionNotFoundError(session_id) from None
+
+
+def _refuse(jobs: dict[int, Job], refused: Mapping[int, Exception], outcomes: list[Outcome | None]) -> None:
+    """Take the refused positions out of `jobs`, their errors into `outcomes`."""
+    for index, error in refused.items():
+        del jobs[index]
+        outcomes[index] = error

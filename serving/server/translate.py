@@ -195,23 +195,17 @@ def frame_result_to_pb(
     time = 1 if frame.outputs == pb.OUTPUT_MODE_LAST else len(chunks[0].inputs)
     failed = np.zeros((time, output_size), "<f4")  # a failed session's rows
     result = pb.FrameResult(frame_id=frame.frame_id)
-    # Columns gathered in lists and written once: a protobuf append per value costs several list appends.
-    rows, session_ids, steps, ended, replayed = [], [], [], [], []
+    # Rows gathered first, written column by column: a protobuf append per value costs several list appends.
+    columns: list[tuple[np.ndarray, str, int, bool, bool]] = []
     for index, (chunk, outcome) in enumerate(zip(chunks, outcomes, strict=True)):
         if isinstance(outcome, ChunkResult):
-            rows.append(outcome.outputs)
-            session_ids.append(outcome.session_id)
-            steps.append(outcome.steps)
-            ended.append(outcome.ended)
-            replayed.append(outcome.replayed)
-            continue
-        code, message = status_for(outcome)
-        result.errors.append(pb.FrameError(index=index, code=code.value[0], message=message))
-        rows.append(failed)
-        session_ids.append(chunk.session_id)
-        steps.append(-1)
-        ended.append(False)
-        replayed.append(False)
+            row = (outcome.outputs, outcome.session_id, outcome.steps, outcome.ended, outcome.replayed)
+        else:
+            code, message = status_for(outcome)
+            result.errors.append(pb.FrameError(index=index, code=code.value[0], message=message))
+            row = (failed, chunk.session_id, -1, False, False)
+        columns.append(row)
+    rows, session_ids, steps, ended, replayed = zip(*columns, strict=True)
     result.session_ids.extend(session_ids)
     result.steps.extend(steps)
     result.ended.extend(ended)

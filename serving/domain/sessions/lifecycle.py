@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -48,13 +48,6 @@ class Commit(NamedTuple):
     steps: int
     replay: Replay
     restart: bool = False  # the chunk started it afresh (reset): its lifetime starts over
-
-
-async def _outcome(create: Awaitable[bool]) -> bool | ServingError:
-    try:
-        return await create
-    except ServingError as error:
-        return error
 
 
 @dataclass(frozen=True)
@@ -145,7 +138,10 @@ class Sessions:
         for index, (session_id, previous, state, steps, replay, restart) in enumerate(commits):
             if previous is None:
                 new = Session(state, steps, now, now, replay)
-                stored[index] = await _outcome(self._create(session_id, new, now))
+                try:
+                    stored[index] = await self._create(session_id, new, now)
+                except ServingError as error:
+                    stored[index] = error
             else:
                 created_s = now if restart else previous.created_s
                 successor = Session(state, steps, created_s, now, replay)
