@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -13,7 +14,7 @@ from fakes import FAKE_HIDDEN, FAKE_LAYERS, FAKE_SPEC, FAKE_VOCABULARY, FakeCloc
 from prometheus_client import CollectorRegistry
 
 from serving.domain.batcher import Batcher
-from serving.domain.chunks import Chunk, ChunkResult, ServedModel
+from serving.domain.chunks import Chunk, ChunkResult, OutputMode, ServedModel, chunk_digest
 from serving.domain.engine import Engine
 from serving.domain.errors import (
     InvalidChunkError,
@@ -283,3 +284,17 @@ def test_a_retry_of_the_chunk_that_started_and_ended_its_session_is_replayed_not
     first, again = _run(scenario, runner)
     assert (first.replayed, again.replayed, again.steps, again.ended) == (False, True, 5, True)
     assert np.array_equal(again.outputs, first.outputs) and len(runner.calls) == 1
+
+
+def test_a_chunks_digest_is_blake2b_of_its_flags_inputs_and_snapshot() -> None:
+    """The digest that recognises a repeat is kept in a shared store: servers of different versions, sharing
+    it during a rolling deploy, must compute the same one for the same chunk."""
+    chunks = [
+        Chunk("a", X[:3], 4),
+        Chunk("a", X[:1], 0, start=True, reset=True, snapshot=b"blob", outputs=OutputMode.LAST),
+        Chunk("a", X[:2], 0, start=True, end=True),
+    ]
+    flags = [0, 1 | 4 | 8, 1 | 2]
+    for chunk, flag in zip(chunks, flags, strict=True):
+        payload = bytes((flag,)) + chunk.inputs.tobytes() + chunk.snapshot
+        assert chunk_digest(chunk) == hashlib.blake2b(payload, digest_size=16).digest()

@@ -98,24 +98,24 @@ class Contract:
         of its session alone."""
         if self.closed:  # the grace period ran out: every session has ended
             return [ShuttingDownError() for _ in runs]
-        replay_max_bytes = self._model.replay_max_bytes
-        commits = []
-        for run, answer, state in zip(runs, outputs, new_states, strict=True):
-            job, chunk = run.job, run.job.chunk
-            replay = Replay(job.digest, chunk.offset, answer if answer.nbytes <= replay_max_bytes else None)
-            steps = run.steps + len(chunk.inputs)
-            commits.append(Commit(job.key, run.previous, state, steps, replay, chunk.start))
+        commits = [
+            _commit(run, answer, state, self._model.replay_max_bytes)
+            for run, answer, state in zip(runs, outputs, new_states, strict=True)
+        ]
         stored = await self._sessions.commit_many(commits)
         outcomes: list[Outcome] = []
         for run, answer, commit, created in zip(runs, outputs, commits, stored, strict=True):
             job, chunk = run.job, run.job.chunk
-            if isinstance(created, Exception):
+            if created is False:  # the usual case: the chunk continued its session
+                if job.watcher is not None:
+                    self._notices.watch(job.key, job.watcher)
+            elif isinstance(created, Exception):
                 outcomes.append(created)
                 continue
-            if created:
+            else:
                 self._quotas.started(chunk.namespace)
                 self._metrics.session_started()
-            self.watch(job)
+                self.watch(job)
             ended = await self._end(job) if chunk.end else None
             outcomes.append(
                 ended or ChunkResult(job.session_id, chunk.offset, commit.steps, answer, chunk.end, False)
@@ -191,6 +191,14 @@ def answered(chunk: Chunk, y: np.ndarray) -> np.ndarray:
     """The outputs a chunk's answer carries of its run's `y` [time, outputs]: every timestep, or the last. A
     copy: the batcher's rows are views of the whole batch's (and a replay keeps only its own row alive)."""
     return (y[-1:] if chunk.outputs is OutputMode.LAST else y).copy()
+
+
+def _commit(run: Run, answer: np.ndarray, state: np.ndarray, replay_max_bytes: int) -> Commit:
+    """What `run` leaves in the store: its new state and step count, and its answer for a replay (when no
+    larger than `replay_max_bytes`; its digest always)."""
+    job, chunk = run.job, run.job.chunk
+    replay = Replay(job.digest, chunk.offset, answer if answer.nbytes <= replay_max_bytes else None)
+    return Commit(job.key, run.previous, state, run.steps + len(chunk.inputs), replay, chunk.start)
 
 
 def _runnable(job: Job, previous: Session | None, state: np.ndarray, steps: int) -> Run:

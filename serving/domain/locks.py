@@ -41,7 +41,7 @@ class Admission:
         Every lock is queued for before any is waited on, so calls meet on each session in arrival order and
         two calls holding several sessions each cannot wait on each other in a circle."""
         self._inflight += 1
-        queued = [(key, self._locks.queue(key)) for key in session_ids]
+        queued = self._locks.queue_all(session_ids)
         held: list[str] = []
         try:
             for key, turn in queued:
@@ -105,10 +105,11 @@ class Held:
 
 class KeyedLocks:
     """One FIFO lock per key, kept only while held. Taken for every chunk, so an uncontended acquire is a dict
-    insert: no asyncio.Lock, no future, no suspension."""
+    insert: no asyncio.Lock, no future, no suspension, no queue until a second caller waits."""
 
     def __init__(self) -> None:
-        self._waiters: dict[str, collections.deque[asyncio.Future[None]]] = {}  # present: held
+        # Present: held. The waiters' queue is made by the first waiter.
+        self._waiters: dict[str, collections.deque[asyncio.Future[None]] | None] = {}
 
     async def acquire(self, key: str) -> None:
         """Wait until `key` is free, then hold it."""
@@ -124,13 +125,22 @@ class KeyedLocks:
 
     def queue(self, key: str) -> asyncio.Future[None] | None:
         """Take `key` now if it is free (None), else join its queue: the future resolves when it is held."""
-        waiters = self._waiters.get(key)
-        if waiters is None:
-            self._waiters[key] = collections.deque()
+        if key not in self._waiters:
+            self._waiters[key] = None
             return None
+        waiters = self._waiters[key]
+        if waiters is None:
+            waiters = self._waiters[key] = collections.deque()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters.append(future)
         return future
+
+    def queue_all(self, keys: list[str]) -> list[tuple[str, asyncio.Future[None] | None]]:
+        """`queue` for each of `keys` (distinct), in order; when none is held, all are taken in one update."""
+        if self._waiters.keys().isdisjoint(keys):
+            self._waiters.update(dict.fromkeys(keys))
+            return [(key, None) for key in keys]
+        return [(key, self.queue(key)) for key in keys]
 
     def release(self, key: str) -> None:
         """Free `key`: the next waiter, in arrival order, holds it now."""

@@ -50,6 +50,16 @@ class Commit(NamedTuple):
     restart: bool = False  # the chunk started it afresh (reset): its lifetime starts over
 
 
+def _successor(commit: Commit, now: float) -> Replacement:
+    """The replacement `commit` (of a session that existed) writes, used `now`."""
+    previous = commit.previous
+    assert previous is not None  # the caller's filter
+    created_s = now if commit.restart else previous.created_s
+    return Replacement(
+        commit.session_id, Session(commit.state, commit.steps, created_s, now, commit.replay), previous.steps
+    )
+
+
 @dataclass(frozen=True)
 class SessionLimits:
     """The lifecycle limits."""
@@ -134,30 +144,31 @@ class Sessions:
         or why it was not stored (`SessionMovedError`, `SessionNotFoundError`, `CapacityExceededError`)."""
         now = self._clock()
         stored: list[bool | ServingError] = [False] * len(commits)
-        replacing: list[tuple[int, Replacement]] = []
-        for index, (session_id, previous, state, steps, replay, restart) in enumerate(commits):
-            if previous is None:
-                new = Session(state, steps, now, now, replay)
+        for index, commit in enumerate(commits):
+            if commit.previous is None:
+                new = Session(commit.state, commit.steps, now, now, commit.replay)
                 try:
-                    stored[index] = await self._create(session_id, new, now)
+                    stored[index] = await self._create(commit.session_id, new, now)
                 except ServingError as error:
                     stored[index] = error
-            else:
-                created_s = now if restart else previous.created_s
-                successor = Session(state, steps, created_s, now, replay)
-                replacing.append((index, Replacement(session_id, successor, previous.steps)))
+        replacing = [
+            (index, _successor(commit, now))
+            for index, commit in enumerate(commits)
+            if commit.previous is not None
+        ]
         if not replacing:
             return stored
         written = await self._store.replace([replacement for _, replacement in replacing])
+        if all(written):
+            return stored
         stale = [(index, r.session_id) for (index, r), ok in zip(replacing, written, strict=True) if not ok]
-        if stale:
-            current = await self._store.get([session_id for _, session_id in stale], now)
-            for (index, session_id), session in zip(stale, current, strict=True):
-                stored[index] = (
-                    SessionNotFoundError(session_id)  # ended while its chunk ran
-                    if session is None
-                    else SessionMovedError(session_id, session.steps)  # another server applied one meanwhile
-                )
+        current = await self._store.get([session_id for _, session_id in stale], now)
+        for (index, session_id), session in zip(stale, current, strict=True):
+            stored[index] = (
+                SessionNotFoundError(session_id)  # ended while its chunk ran
+                if session is None
+                else SessionMovedError(session_id, session.steps)  # another server applied one meanwhile
+            )
         return stored
 
     async def end(self, session_id: str, reason: EndReason, *, keep_replay: bool = False) -> SessionEnd:

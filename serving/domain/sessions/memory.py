@@ -8,7 +8,6 @@ loop owns it. No call suspends: on one loop, each is atomic.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import NamedTuple
 
 import numpy as np
 
@@ -20,14 +19,22 @@ from serving.domain.sessions.store import Cutoffs, Expired, HeldBytes, Replaceme
 SWEEP_SLICE = 2000
 
 
-class _Entry(NamedTuple):
-    """A stored session: `Session` with a slab slot in place of the state array."""
+class _Entry:
+    """A stored session: `Session` with a slab slot in place of the state array. Changed in place (a look-up
+    and a replacement write every chunk's session: no new record each time); never handed out."""
 
-    slot: int
-    steps: int
-    created_s: float
-    last_used_s: float
-    replay: Replay | None
+    __slots__ = ("created_s", "last_used_s", "replay", "slot", "steps")
+
+    def __init__(self, slot: int, session: Session) -> None:
+        self.become(slot, session)
+
+    def become(self, slot: int, session: Session) -> None:
+        """Hold `session`, its state in `slot`."""
+        self.slot: int = slot
+        self.steps: int = session.steps
+        self.created_s: float = session.created_s
+        self.last_used_s: float = session.last_used_s
+        self.replay: Replay | None = session.replay
 
 
 class InMemorySessionStore:
@@ -51,16 +58,18 @@ class InMemorySessionStore:
             if entry is None:
                 found.append(None)
                 continue
-            slot, steps, created_s, _, replay = entry
-            entries[session_id] = _Entry(slot, steps, created_s, now, replay)  # re-inserted last: most recent
-            found.append(Session(self._slab.view(slot), steps, created_s, entry.last_used_s, replay))
+            entries[session_id] = entry  # re-inserted last: most recent
+            view = self._slab.view(entry.slot)
+            found.append(Session(view, entry.steps, entry.created_s, entry.last_used_s, entry.replay))
+            entry.last_used_s = now
         return found
 
     async def create(self, session_id: str, session: Session) -> bool:
         """Add `session` unless `session_id` is taken; False (nothing written) when it is."""
         if session_id in self._entries:
             return False
-        self._entries[session_id] = self._entry(session)
+        self._entries[session_id] = _Entry(self._store_state(session.state), session)
+        self._replay_bytes += _nbytes(session.replay)
         return True
 
     async def replace(self, replacements: Sequence[Replacement]) -> list[bool]:
@@ -68,15 +77,17 @@ class InMemorySessionStore:
         it) for the others."""
         entries, written = self._entries, []
         for session_id, session, steps in replacements:
-            old = entries.get(session_id)
-            if old is None or old.steps != steps:
+            entry = entries.get(session_id)
+            if entry is None or entry.steps != steps:
                 written.append(False)
                 continue
-            # A new row, the old one released after: a reader of the old state never sees it change mid-chunk.
-            entry = self._entry(session)
-            self._forget(old)
             del entries[session_id]
-            entries[session_id] = entry
+            entries[session_id] = entry  # last: most recent
+            # A new row, the old one released after: a reader of the old state never sees it change mid-chunk.
+            slot = self._store_state(session.state)
+            self._forget(entry)
+            entry.become(slot, session)
+            self._replay_bytes += _nbytes(session.replay)
             written.append(True)
         return written
 
@@ -103,7 +114,7 @@ class InMemorySessionStore:
                     removed.append((session_id, self._remove(session_id, entry), reason))
                 elif entry.replay is not None and entry.last_used_s < cutoffs.replay_s:
                     self._replay_bytes -= entry.replay.nbytes
-                    self._entries[session_id] = entry._replace(replay=None)  # same key: keeps its LRU place
+                    entry.replay = None
             yield removed
 
     async def least_recent(self) -> str | None:
@@ -118,18 +129,16 @@ class InMemorySessionStore:
         """The slab's pages, and the live sessions' kept responses."""
         return HeldBytes(self._slab.held_bytes, self._replay_bytes)
 
-    def _entry(self, session: Session) -> _Entry:
-        state = session.state
+    def _store_state(self, state: np.ndarray) -> int:
+        """`state` copied into a slab row; its slot."""
         if state.shape != self._shape or state.dtype != np.float32:
             raise ValueError(f"state must be float32 {self._shape}, got {state.dtype} {state.shape}")
-        slot = self._slab.store(state)
-        self._replay_bytes += _nbytes(session.replay)
-        return _Entry(slot, session.steps, session.created_s, session.last_used_s, session.replay)
+        return self._slab.store(state)
 
     def _remove(self, session_id: str, entry: _Entry) -> Session:
         del self._entries[session_id]
-        slot, steps, created_s, last_used_s, replay = entry
-        session = Session(self._slab.view(slot).copy(), steps, created_s, last_used_s, replay)
+        state = self._slab.view(entry.slot).copy()
+        session = Session(state, entry.steps, entry.created_s, entry.last_used_s, entry.replay)
         self._forget(entry)
         return session
 
