@@ -14,14 +14,23 @@ from fakes import FAKE_HIDDEN, FAKE_LAYERS, FAKE_SPEC, FAKE_VOCABULARY, FakeCloc
 from prometheus_client import CollectorRegistry
 
 from serving.domain.batcher import Batcher
-from serving.domain.chunks import Chunk, ChunkResult, OutputMode, ServedModel, chunk_digest
+from serving.domain.chunks import (
+    Chunk,
+    ChunkResult,
+    OutputMode,
+    ServedModel,
+    chunk_digest,
+    continued_digests,
+)
 from serving.domain.engine import Engine
 from serving.domain.errors import (
     InvalidChunkError,
+    InvalidSessionIdError,
     OffsetMismatchError,
     SessionNotFoundError,
     ShuttingDownError,
 )
+from serving.domain.frames import Frame, FrameOutcome
 from serving.domain.sessions.lifecycle import SessionLimits, Sessions
 from serving.domain.sessions.memory import InMemorySessionStore
 from serving.domain.sessions.store import EndReason, SessionEnd
@@ -67,6 +76,20 @@ def _expected(x: np.ndarray) -> np.ndarray:
 
 
 X = np.arange(12, dtype=np.int64) % VOCABULARY
+
+
+def _frame(chunks: list[Chunk]) -> Frame:
+    """These chunks (of one length, one output mode) as a frame: the columns the servicer reads."""
+    return Frame(
+        [chunk.session_id for chunk in chunks],
+        np.array([chunk.inputs for chunk in chunks]),
+        [chunk.offset for chunk in chunks],
+        [chunk.start for chunk in chunks],
+        [chunk.end for chunk in chunks],
+        [chunk.reset for chunk in chunks],
+        [chunk.snapshot for chunk in chunks],
+        chunks[0].outputs,
+    )
 
 
 def test_concurrent_chunks_of_one_session_apply_in_arrival_order() -> None:
@@ -214,23 +237,23 @@ def test_frames_sharing_sessions_in_any_order_apply_in_arrival_order_and_run_as_
         ids = ["a", "b", "c"]
         got: dict[str, list[np.ndarray]] = {sid: [] for sid in ids}
 
-        def keep(outcomes: list[ChunkResult | Exception], order: list[str]) -> None:
-            for sid, outcome in zip(order, outcomes, strict=True):
-                assert isinstance(outcome, ChunkResult), outcome
-                got[sid].append(outcome.outputs)
+        def keep(outcome: FrameOutcome, order: list[str]) -> None:
+            assert not outcome.errors, outcome.errors
+            for sid, outputs in zip(order, outcome.outputs, strict=True):
+                got[sid].append(outputs)
 
-        keep(await h.engine.step_frame([Chunk(sid, X[:2], 0, start=True) for sid in ids]), ids)
+        keep(await h.engine.step_frame(_frame([Chunk(sid, X[:2], 0, start=True) for sid in ids])), ids)
         assert runner.calls[-1] == (3, 2)  # one batch of three rows
         backwards = ids[::-1]
-        second = h.engine.step_frame([Chunk(sid, X[2:5], 2) for sid in ids])
-        third = h.engine.step_frame([Chunk(sid, X[5:8], 5) for sid in backwards])
+        second = h.engine.step_frame(_frame([Chunk(sid, X[2:5], 2) for sid in ids]))
+        third = h.engine.step_frame(_frame([Chunk(sid, X[5:8], 5) for sid in backwards]))
         alone = h.engine.step(Chunk("b", X[8:10], 8))
         frame_2, frame_3, single = await asyncio.gather(second, third, alone)
         keep(frame_2, ids)
         keep(frame_3, backwards)
         got["b"].append(single.outputs)
         last = [Chunk("a", X[8:10], 8), Chunk("b", X[10:12], 10), Chunk("c", X[8:10], 8)]
-        keep(await h.engine.step_frame(last), ids)
+        keep(await h.engine.step_frame(_frame(last)), ids)
         return got
 
     for sid, parts in _run(scenario, runner).items():
@@ -239,19 +262,20 @@ def test_frames_sharing_sessions_in_any_order_apply_in_arrival_order_and_run_as_
 
 
 def test_a_frames_bad_session_fails_alone_and_a_repeated_session_is_refused() -> None:
-    async def scenario(h: Harness) -> list[ChunkResult | Exception]:
-        await h.engine.step_frame([Chunk(sid, X[:2], 0, start=True) for sid in ("a", "b")])
+    async def scenario(h: Harness) -> FrameOutcome:
+        await h.engine.step_frame(_frame([Chunk(sid, X[:2], 0, start=True) for sid in ("a", "b")]))
         return await h.engine.step_frame(
-            [Chunk("a", X[2:4], 2), Chunk("b", X[2:4], 7), Chunk("a", X[2:4], 2), Chunk("nobody", X[2:4], 2),
-             Chunk("c", X[2:5], 0, start=True)]
+            _frame([Chunk("a", X[2:4], 2), Chunk("b", X[2:4], 7), Chunk("a", X[2:4], 2),
+                    Chunk("nobody", X[2:4], 2), Chunk("c", X[2:4], 0, start=True)])
         )  # fmt: skip
 
-    a, b, a_again, nobody, longer = _run(scenario)
-    assert isinstance(a, ChunkResult) and a.steps == 4
+    outcome = _run(scenario)
+    b, a_again, nobody = (outcome.errors.get(row) for row in (1, 2, 3))
+    assert sorted(outcome.errors) == [1, 2, 3] and outcome.steps == [4, -1, -1, -1, 2]
     assert isinstance(b, OffsetMismatchError) and "resend from offset 2" in str(b)
     assert isinstance(a_again, InvalidChunkError) and "appears more than once" in str(a_again)
     assert isinstance(nobody, SessionNotFoundError) and "'nobody'" in str(nobody)
-    assert isinstance(longer, InvalidChunkError) and "3 steps, not the frame's 2" in str(longer)
+    assert not outcome.outputs[1:4].any()  # a failed row's outputs are zeros
 
 
 def test_a_frames_rows_with_values_the_model_cannot_take_fail_alone_and_the_rest_run() -> None:
@@ -259,18 +283,19 @@ def test_a_frames_rows_with_values_the_model_cannot_take_fail_alone_and_the_rest
     and the others run as they would alone."""
     bad = np.array([1, VOCABULARY, 2])  # an id past the vocabulary
 
-    async def scenario(h: Harness) -> tuple[list[ChunkResult | Exception], str]:
+    async def scenario(h: Harness) -> tuple[FrameOutcome, str]:
         frame = [Chunk("v1", X[:3], 0, start=True), Chunk("v2", bad, 0, start=True),
                  Chunk("v3", X[:3], 0, start=True), Chunk("v4", -bad, 0, start=True)]  # fmt: skip
         with pytest.raises(InvalidChunkError) as alone:
             await h.engine.step(Chunk("solo", bad, 0, start=True))
-        return await h.engine.step_frame(frame), str(alone.value)
+        return await h.engine.step_frame(_frame(frame)), str(alone.value)
 
-    (v1, v2, v3, v4), solo = _run(scenario)
-    assert isinstance(v2, InvalidChunkError) and isinstance(v4, InvalidChunkError)
+    outcome, solo = _run(scenario)
+    v2, v4 = outcome.errors[1], outcome.errors[3]
+    assert sorted(outcome.errors) == [1, 3]
     assert str(v2) == solo and "outside the vocabulary" in str(v4)
-    for good in (v1, v3):
-        assert isinstance(good, ChunkResult) and np.array_equal(good.outputs, _expected(X)[:3])
+    for good in (0, 2):
+        assert np.array_equal(outcome.outputs[good], _expected(X)[:3])
 
 
 def test_a_retry_of_the_chunk_that_started_and_ended_its_session_is_replayed_not_run_again() -> None:
@@ -298,3 +323,19 @@ def test_a_chunks_digest_is_blake2b_of_its_flags_inputs_and_snapshot() -> None:
     for chunk, flag in zip(chunks, flags, strict=True):
         payload = bytes((flag,)) + chunk.inputs.tobytes() + chunk.snapshot
         assert chunk_digest(chunk) == hashlib.blake2b(payload, digest_size=16).digest()
+    block = np.stack([X[:3], X[3:6], X[6:9]])  # a frame's continuing rows: their digests in one pass
+    for mode in OutputMode:
+        rows = [Chunk("a", row, 3, outputs=mode) for row in block]
+        assert continued_digests(block, mode) == [chunk_digest(chunk) for chunk in rows]
+
+
+def test_a_frames_session_id_holding_a_newline_fails_alone() -> None:
+    """A frame's ids are checked by one match over them joined by newlines: an id holding one must not pass
+    as two."""
+
+    async def scenario(h: Harness) -> FrameOutcome:
+        return await h.engine.step_frame(_frame([Chunk(sid, X[:2], 0, start=True) for sid in ("a", "b\nc")]))
+
+    outcome = _run(scenario)
+    assert list(outcome.errors) == [1] and outcome.steps[0] == 2
+    assert isinstance(outcome.errors[1], InvalidSessionIdError)

@@ -292,6 +292,41 @@ def test_a_frames_commits_are_judged_each_alone_in_one_call() -> None:
     _run(scenario)
 
 
+def test_sessions_continued_by_a_frame_advance_in_one_call_each_judged_alone() -> None:
+    """`advance` (a frame's continuing sessions, as columns): a fresh one is written with its steps, last use
+    and replay, its lifetime kept; one that moved on meanwhile and one that ended are refused, nothing
+    written for them."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        life = Lifecycle(clock)
+        for session_id in ("fresh", "raced", "gone"):
+            await life.start(session_id, 1)
+        found = await life.sessions.find_many(["fresh", "raced", "gone"])
+        assert all(session is not None for session in found)
+        await life.advance("raced", 2, 1.0, offset=1)
+        await life.sessions.end("gone", EndReason.END)
+        clock.advance(5)
+        states = np.stack([_state(5.0), _state(9.0), _state(9.0)])
+        refused = await life.sessions.advance(
+            ["fresh", "raced", "gone"], [s for s in found if s], states, 3, [_replay(1)] * 3
+        )
+        assert refused[0] is None
+        assert isinstance(refused[1], SessionMovedError) and isinstance(refused[2], SessionNotFoundError)
+        fresh, raced, gone = await life.store.get(["fresh", "raced", "gone"], clock())
+        assert fresh is not None and raced is not None and gone is None
+        assert (fresh.steps, float(fresh.state[0]), fresh.created_s, fresh.last_used_s) == (
+            4,
+            5.0,
+            1000,
+            1005,
+        )
+        assert fresh.replay is not None and (fresh.replay.key, fresh.replay.offset) == (b"k" * 16, 1)
+        assert (raced.steps, float(raced.state[0])) == (2, 1.0)
+
+    _run(scenario)
+
+
 def test_shutdown_ends_every_session_and_tells_listeners_why() -> None:
     async def scenario() -> None:
         life = Lifecycle(FakeClock())

@@ -13,7 +13,9 @@ import numpy as np
 from modelcard import ModelSpec
 from serving.domain.errors import InvalidChunkError, InvalidSessionIdError
 
-_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ID = r"[A-Za-z0-9._:-]{1,128}"
+_SESSION_ID = re.compile(_ID)
+_SESSION_IDS = re.compile(rf"(?:{_ID}\n)*")  # many ids, each ended by a newline: one match checks them all
 _SHORT_CHUNK = 64  # timesteps
 # A chunk's digest starts with its flags byte: hashers that have taken each of the 16, copied for each chunk
 # (half the cost of a new hasher, for the short chunks of a stream).
@@ -107,6 +109,13 @@ def check_session_id(session_id: str) -> None:
         raise InvalidSessionIdError(session_id)
 
 
+def session_ids_valid(session_ids: list[str]) -> bool:
+    """Whether every id passes `check_session_id` (one match over them all: a frame's many ids)."""
+    lines = "\n".join(session_ids) + "\n"
+    # The count: an id holding a newline would pass as two.
+    return lines.count("\n") == len(session_ids) and _SESSION_IDS.fullmatch(lines) is not None
+
+
 def check_shape(x: np.ndarray, model: ServedModel) -> None:
     """Raise `InvalidChunkError` unless `x` has the dtype and shape of a chunk for `model`."""
     spec = model.spec
@@ -150,3 +159,17 @@ def chunk_digest(chunk: Chunk) -> bytes:
     if chunk.snapshot:
         hasher.update(chunk.snapshot)
     return hasher.digest()
+
+
+def continued_digests(block: np.ndarray, outputs: OutputMode) -> list[bytes]:
+    """`chunk_digest` of each row of `block` [rows, time, ...], chunks that only continue their sessions (no
+    start, end, reset or snapshot), from one copy of the block's bytes."""
+    raw = np.ascontiguousarray(block).tobytes()
+    width = len(raw) // len(block)
+    flagged = _FLAGGED[(outputs is OutputMode.LAST) << 3]
+    digests = []
+    for first in range(0, len(raw), width):
+        hasher = flagged.copy()
+        hasher.update(raw[first : first + width])
+        digests.append(hasher.digest())
+    return digests

@@ -5,7 +5,7 @@ offset; and how its result is committed. The engine orders, locks and batches th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeGuard
 
 import numpy as np
 
@@ -61,6 +61,17 @@ class Run(NamedTuple):
     steps: int
 
 
+class Continued(NamedTuple):
+    """Chunks, one per session, that continue their sessions (`continues`) and have run, as columns."""
+
+    keys: list[str]
+    found: list[Session]  # each session as found: the chunk ran from its state, at its step count
+    time: int  # steps in each chunk
+    answers: np.ndarray  # [rows, time or 1, outputs]: as answered
+    digests: list[bytes]
+    watcher: Watcher | None
+
+
 class Contract:
     """Judges chunks against their sessions as found, and commits the runs, telling the watchers."""
 
@@ -106,21 +117,40 @@ class Contract:
         outcomes: list[Outcome] = []
         for run, answer, commit, created in zip(runs, outputs, commits, stored, strict=True):
             job, chunk = run.job, run.job.chunk
-            if created is False:  # the usual case: the chunk continued its session
-                if job.watcher is not None:
-                    self._notices.watch(job.key, job.watcher)
-            elif isinstance(created, Exception):
+            if isinstance(created, Exception):
                 outcomes.append(created)
                 continue
-            else:
+            if created:
                 self._quotas.started(chunk.namespace)
                 self._metrics.session_started()
-                self.watch(job)
+            self.watch(job)
             ended = await self._end(job) if chunk.end else None
             outcomes.append(
                 ended or ChunkResult(job.session_id, chunk.offset, commit.steps, answer, chunk.end, False)
             )
         return outcomes
+
+    async def commit_continued(
+        self, continued: Continued, new_states: np.ndarray
+    ) -> list[ServingError | None]:
+        """Commit chunks that continued their sessions (`continues`: nothing to judge, nothing to tell but
+        the watcher), as columns, in one store call: for each, None when stored, else the error of its
+        session alone."""
+        if self.closed:
+            return [ShuttingDownError() for _ in continued.keys]
+        keep = continued.answers[0].nbytes <= self._model.replay_max_bytes
+        rows = zip(continued.found, continued.answers, continued.digests, strict=True)
+        # The answer is a row of the frame's: a kept copy holds only its own bytes.
+        replays = [
+            Replay(digest, found.steps, answer.copy() if keep else None) for found, answer, digest in rows
+        ]
+        refused = await self._sessions.advance(
+            continued.keys, continued.found, new_states, continued.time, replays
+        )
+        if continued.watcher is not None:
+            stored = [key for key, error in zip(continued.keys, refused, strict=True) if error is None]
+            self._notices.watch(stored, continued.watcher)
+        return refused
 
     async def _end(self, job: Job) -> ServingError | None:
         """End the session whose last chunk `job` was (its answer kept for a retry); None, or why not."""
@@ -133,7 +163,7 @@ class Contract:
     def watch(self, job: Job) -> None:
         """Tell the job's watcher (its stream) when its session ends."""
         if job.watcher is not None:
-            self._notices.watch(job.key, job.watcher)
+            self._notices.watch((job.key,), job.watcher)
 
     def unwatch(self, keys: list[str], watcher: Watcher) -> None:
         """Stop telling `watcher` about these sessions (its stream has closed)."""
@@ -157,6 +187,8 @@ class Contract:
         return _runnable(job, existing, state, steps)
 
     def _continue(self, job: Job, session: Session | None) -> ChunkResult | Run:
+        if continues(session, job.chunk.offset):
+            return Run(job, session, session.state, session.steps)
         if session is None:
             replayed = self._ended_replayed(job)
             if replayed is None:
@@ -191,6 +223,13 @@ def answered(chunk: Chunk, y: np.ndarray) -> np.ndarray:
     """The outputs a chunk's answer carries of its run's `y` [time, outputs]: every timestep, or the last. A
     copy: the batcher's rows are views of the whole batch's (and a replay keeps only its own row alive)."""
     return (y[-1:] if chunk.outputs is OutputMode.LAST else y).copy()
+
+
+def continues(session: Session | None, offset: int) -> TypeGuard[Session]:
+    """Whether a chunk that continues its session (no start) at `offset` runs from `session` as found, with
+    nothing else to judge: the session is live, and the chunk is at its step count. Such a chunk is never a
+    repeat: a repeat's offset is its session's count before it, and a chunk holds at least one step."""
+    return session is not None and session.steps == offset
 
 
 def _commit(run: Run, answer: np.ndarray, state: np.ndarray, replay_max_bytes: int) -> Commit:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
@@ -16,19 +17,30 @@ from serving.domain.batcher import Batcher
 from serving.domain.chunks import (
     Chunk,
     ChunkResult,
+    OutputMode,
     ServedModel,
     check_session_id,
     chunk_digest,
+    continued_digests,
     session_key,
     validate,
 )
-from serving.domain.contract import Contract, Job, Outcome, Run, SessionMetrics, answered
+from serving.domain.contract import (
+    Continued,
+    Contract,
+    Job,
+    Outcome,
+    Run,
+    SessionMetrics,
+    answered,
+    continues,
+)
 from serving.domain.errors import ServingError, SessionMovedError, SessionNotFoundError
-from serving.domain.frames import misfits, value_errors
+from serving.domain.frames import Frame, FrameOutcome, keys_of, refused
 from serving.domain.locks import Admission
 from serving.domain.notices import Watcher
 from serving.domain.sessions.lifecycle import Sessions
-from serving.domain.sessions.store import EndReason
+from serving.domain.sessions.store import EndReason, Session
 
 _T = TypeVar("_T")
 
@@ -64,22 +76,27 @@ class Engine:
         async with self._admission.hold(job.key):
             return await self._applied(job)
 
-    async def step_frame(self, chunks: list[Chunk], watcher: Watcher | None = None) -> list[Outcome]:
-        """Apply one chunk for each of many sessions (a frame: chunks of one length), the runnable ones as one
-        batch, under `step`'s contract session by session; each session's outcome, in order. A session's
-        error is its own: the others go on.
+    async def step_frame(self, frame: Frame, watcher: Watcher | None = None) -> FrameOutcome:
+        """Apply one chunk for each of many sessions (a frame), the runnable ones as one batch with whatever
+        else waits, under `step`'s contract session by session; each session's outcome. A session's error is
+        its own: the others go on.
 
-        The inputs' values are checked as one block, the sessions looked up and committed in one store call
-        each, and the block run as one batch."""
+        The frame stays columns (`serving.domain.frames`): checked column by column, its sessions looked up
+        and committed in one store call each, and a session continuing at its step count answered without an
+        object of its own."""
         self._admission.check_open()
-        outcomes: list[Outcome | None] = [None] * len(chunks)
-        jobs, block = self._frame_jobs(chunks, watcher, outcomes)
-        async with self._admission.hold_all([job.key for job in jobs.values()]):
-            runs = await self._judge_frame(jobs, outcomes)
-            if runs:
-                rows = [row for row, index in enumerate(jobs) if index in runs]
-                await self._run_frame(runs, block if len(rows) == len(block) else block[rows], outcomes)
-        return [outcome for outcome in outcomes if outcome is not None]
+        outcome = FrameOutcome.pending(frame, self.model.spec.output_size)
+        keys = keys_of(frame, outcome)
+        outcome.errors.update(refused(frame, keys, self.model))
+        rows = [row for row in range(len(keys)) if row not in outcome.errors]
+        call = _FrameCall(frame, outcome, keys, watcher)
+        async with self._admission.hold_all([keys[row] for row in rows]):
+            found = await self._sessions.find_many([keys[row] for row in rows])
+            plan = self._plan(call, dict(zip(rows, found, strict=True)))
+            if plan.rows:
+                await self._run_frame(call, plan)
+        outcome.settle(frame)
+        return outcome
 
     async def end_session(self, session_id: str, namespace: str = "") -> int:
         """End a live session of tenant `namespace`; returns its step count."""
@@ -105,11 +122,9 @@ class Engine:
         self._contract.closed = True
         await self._sessions.shutdown()
 
-    def _job(
-        self, chunk: Chunk, watcher: Watcher | None, backlog: Backlog | None = None, *, values: bool = True
-    ) -> Job:
-        """The checked chunk (its inputs' values too, unless a frame checks them as a block)."""
-        validate(chunk, self.model, values=values)
+    def _job(self, chunk: Chunk, watcher: Watcher | None, backlog: Backlog | None = None) -> Job:
+        """The checked chunk."""
+        validate(chunk, self.model)
         session_id = chunk.session_id or uuid.uuid4().hex
         key = session_key(chunk.namespace, session_id)
         return Job(session_id, key, chunk, chunk_digest(chunk), watcher, backlog)
@@ -140,63 +155,82 @@ class Engine:
         except SessionMovedError as moved:
             raise SessionMovedError(job.session_id, moved.steps) from None
 
-    def _frame_jobs(
-        self, chunks: list[Chunk], watcher: Watcher | None, outcomes: list[Outcome | None]
-    ) -> tuple[dict[int, Job], np.ndarray]:
-        """The frame's chunks that pass its checks, by position, and their inputs as one block (in that
-        order); the others' errors go to `outcomes`."""
-        jobs: dict[int, Job] = {}
-        for index, chunk in enumerate(chunks):
+    def _plan(self, call: _FrameCall, found: dict[int, Session | None]) -> _Plan:
+        """What runs of the rows `found` (each row's session as found), and from what: a session continuing at
+        its step count, from its state; any other row is judged as the chunk it is (a start, a repeat answered
+        again, an error)."""
+        plan = _Plan()
+        continuing = call.frame.continuing()
+        for row, session in found.items():
+            if continuing[row] and continues(session, call.frame.offsets[row]):
+                plan.continued[row] = session
+                continue
             try:
-                jobs[index] = self._job(chunk, watcher, values=False)
+                judged = self._contract.decide(call.job(row), session)
             except ServingError as error:
-                outcomes[index] = error
-        lengths = {index: len(job.chunk.inputs) for index, job in jobs.items()}
-        _refuse(jobs, misfits({index: job.key for index, job in jobs.items()}, lengths), outcomes)
-        if not jobs:
-            return jobs, np.empty(0)
-        # np.array rather than np.stack: for many small rows of one shape, 2-3x faster
-        block = np.array([job.chunk.inputs for job in jobs.values()])
-        bad = value_errors(block, list(jobs), self.model)
-        if bad:
-            block = block[[row for row, index in enumerate(jobs) if index not in bad]]
-            _refuse(jobs, bad, outcomes)
-        return jobs, block
-
-    async def _judge_frame(self, jobs: dict[int, Job], outcomes: list[Outcome | None]) -> dict[int, Run]:
-        """The frame's chunks to run, by position; the others' answers (replays) or errors to `outcomes`."""
-        found = await self._sessions.find_many([job.key for job in jobs.values()])
-        runs: dict[int, Run] = {}
-        for (index, job), session in zip(jobs.items(), found, strict=True):
-            try:
-                judged = self._contract.decide(job, session)
-            except ServingError as error:
-                outcomes[index] = error
+                call.outcome.errors[row] = error
                 continue
             if isinstance(judged, Run):
-                runs[index] = judged
+                plan.runs[row] = judged
             else:
-                outcomes[index] = judged
-        return runs
+                call.outcome.write(row, judged)
+        return plan
 
-    async def _run_frame(self, runs: dict[int, Run], x: np.ndarray, outcomes: list[Outcome | None]) -> None:
-        """Run a frame's runnable chunks `x` as one block and commit them (or fail them all with the run)."""
-        states = np.array([run.state for run in runs.values()])  # rows of one shape: see `_frame_jobs`
+    async def _run_frame(self, call: _FrameCall, plan: _Plan) -> None:
+        """Run the planned rows as one block (continued sessions first) and commit them, or fail them all
+        with the run."""
+        rows, inputs = plan.rows, call.frame.inputs
+        x = inputs if rows == list(range(len(inputs))) else inputs[rows]
+        states = [session.state for session in plan.continued.values()]
+        states += [run.state for run in plan.runs.values()]
         try:
-            ys, new_states = await self._batcher.run_block(x, states)
+            # np.array rather than np.stack: for many small rows of one shape, 2-3x faster
+            ys, new_states = await self._batcher.run_block(x, np.array(states))
         except Exception as error:  # the runtime failed: every session of the block stays as it was
-            for index in runs:
-                outcomes[index] = error
+            call.outcome.errors.update(dict.fromkeys(rows, error))
             return
-        answers = [answered(run.job.chunk, y) for run, y in zip(runs.values(), ys, strict=True)]
-        committed = await self._contract.commit(list(runs.values()), answers, new_states)
-        for (index, run), outcome in zip(runs.items(), committed, strict=True):
-            outcomes[index] = (
-                outcome if isinstance(outcome, ChunkResult) else await self._recommitted(run.job, outcome)
+        answers = ys[:, -1:] if call.frame.outputs is OutputMode.LAST else ys
+        call.outcome.outputs[rows] = answers
+        split = len(plan.continued)
+        applied = 0
+        if split:
+            continued = Continued(
+                [call.keys[row] for row in plan.continued],
+                list(plan.continued.values()),
+                x.shape[1],
+                answers[:split],
+                continued_digests(x[:split], call.frame.outputs),
+                call.watcher,
             )
-        self._metrics.chunks_applied(
-            x.shape[1], sum(isinstance(outcome, ChunkResult) for outcome in committed)
-        )
+            failed = await self._contract.commit_continued(continued, new_states[:split])
+            applied += failed.count(None)
+            await self._answer_continued(call, plan, x.shape[1], failed)
+        if plan.runs:
+            applied += await self._commit_runs(call, plan.runs, ys[split:], new_states[split:])
+        self._metrics.chunks_applied(x.shape[1], applied)
+
+    async def _answer_continued(
+        self, call: _FrameCall, plan: _Plan, time: int, failed: list[ServingError | None]
+    ) -> None:
+        """The continued sessions' answers: the steps they reached, or (their commit `failed`) the outcome of
+        judging them again."""
+        for (row, session), error in zip(plan.continued.items(), failed, strict=True):
+            if error is None:
+                call.outcome.steps[row] = session.steps + time
+            else:
+                call.outcome.answer(row, await self._recommitted(call.job(row), error))
+
+    async def _commit_runs(
+        self, call: _FrameCall, runs: dict[int, Run], ys: np.ndarray, new_states: np.ndarray
+    ) -> int:
+        """Commit the runs of rows judged as chunks and answer them; how many were applied."""
+        outputs = [answered(run.job.chunk, y) for run, y in zip(runs.values(), ys, strict=True)]
+        committed = await self._contract.commit(list(runs.values()), outputs, new_states)
+        for (row, run), result in zip(runs.items(), committed, strict=True):
+            if not isinstance(result, ChunkResult):
+                result = await self._recommitted(run.job, result)
+            call.outcome.answer(row, result)
+        return sum(isinstance(result, ChunkResult) for result in committed)
 
     async def _recommitted(self, job: Job, error: Exception) -> Outcome:
         """A frame's session whose commit failed with `error`: judged again alone if another server moved it
@@ -220,8 +254,28 @@ class Engine:
                 raise SessionNotFoundError(session_id) from None
 
 
-def _refuse(jobs: dict[int, Job], refused: Mapping[int, Exception], outcomes: list[Outcome | None]) -> None:
-    """Take the refused positions out of `jobs`, their errors into `outcomes`."""
-    for index, error in refused.items():
-        del jobs[index]
-        outcomes[index] = error
+class _FrameCall(NamedTuple):
+    """A frame being applied: what it asked, its outcome so far, its rows' keys, its stream's watcher."""
+
+    frame: Frame
+    outcome: FrameOutcome
+    keys: list[str]
+    watcher: Watcher | None
+
+    def job(self, row: int) -> Job:
+        """Row `row` as a chunk of its own (checked with the frame)."""
+        chunk = self.frame.chunk(row)
+        return Job(self.outcome.session_ids[row], self.keys[row], chunk, chunk_digest(chunk), self.watcher)
+
+
+@dataclass
+class _Plan:
+    """A frame's rows that run: sessions continuing at their step count (as found), and the others' runs."""
+
+    continued: dict[int, Session] = field(default_factory=dict)
+    runs: dict[int, Run] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[int]:
+        """The rows in the order they run."""
+        return [*self.continued, *self.runs]

@@ -19,13 +19,14 @@ class EndNotices:
         # Most sessions are watched by one stream: that watcher is the value itself, a set only for several.
         self._watchers: dict[str, Watcher | set[Watcher]] = {}
 
-    def watch(self, session_id: str, watcher: Watcher) -> None:
-        """Tell `watcher` when `session_id` ends."""
-        watchers = self._watchers.setdefault(session_id, watcher)
-        if isinstance(watchers, set):
-            watchers.add(watcher)
-        elif watchers != watcher:
-            self._watchers[session_id] = {watchers, watcher}
+    def watch(self, session_ids: Iterable[str], watcher: Watcher) -> None:
+        """Tell `watcher` when each of `session_ids` ends."""
+        for session_id in session_ids:
+            watchers = self._watchers.setdefault(session_id, watcher)
+            if isinstance(watchers, set):
+                watchers.add(watcher)
+            elif watchers != watcher:
+                self._watchers[session_id] = {watchers, watcher}
 
     def unwatch(self, session_ids: Iterable[str], watcher: Watcher) -> None:
         """Stop telling `watcher` about these sessions (its stream has closed)."""

@@ -213,22 +213,21 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
     ) -> None:
         """A frame's FrameResult (each session's chunk counted as a chunk answered), or its whole error."""
         try:
-            chunks = frame_from_pb(frame, namespace)
+            columns = frame_from_pb(frame, namespace)
         except InvalidChunkError as exc:
             code = grpc.StatusCode.INVALID_ARGUMENT
             self._metrics.chunk_answered(time.perf_counter() - received, code.name)
             refusal = pb.ChunkError(request_id=frame.frame_id, code=code.value[0], message=str(exc))
             outbox.answer(pb.FrameResponse(error=refusal), cost)
             return
-        outcomes = await self._engine.step_frame(chunks, outbox.watcher)
-        result = frame_result_to_pb(frame, chunks, outcomes, self._engine.model.spec.output_size)
+        outcome = await self._engine.step_frame(columns, outbox.watcher)
+        result = frame_result_to_pb(frame.frame_id, outcome)
         elapsed = time.perf_counter() - received
-        failed = {error.index for error in result.errors}
         for error in result.errors:
             self._metrics.chunk_answered(elapsed, BY_NUMBER[error.code].name)
-        self._metrics.chunk_answered(elapsed, chunks=len(result.session_ids) - len(failed))
+        self._metrics.chunk_answered(elapsed, chunks=outcome.answered)
         outbox.touched.update(
-            session_id for index, session_id in enumerate(result.session_ids) if index not in failed
+            session_id for index, session_id in enumerate(outcome.session_ids) if index not in outcome.errors
         )
         outbox.answer(pb.FrameResponse(result=result), cost)
 

@@ -50,6 +50,13 @@ class Commit(NamedTuple):
     restart: bool = False  # the chunk started it afresh (reset): its lifetime starts over
 
 
+def _why_not(session_id: str, current: Session | None) -> ServingError:
+    """Why a session's replacement was not written, given what the store holds now."""
+    if current is None:
+        return SessionNotFoundError(session_id)  # ended while its chunk ran
+    return SessionMovedError(session_id, current.steps)  # another server applied one meanwhile
+
+
 def _successor(commit: Commit, now: float) -> Replacement:
     """The replacement `commit` (of a session that existed) writes, used `now`."""
     previous = commit.previous
@@ -151,25 +158,53 @@ class Sessions:
                     stored[index] = await self._create(commit.session_id, new, now)
                 except ServingError as error:
                     stored[index] = error
-        replacing = [
-            (index, _successor(commit, now))
+        replacing = {
+            index: _successor(commit, now)
             for index, commit in enumerate(commits)
             if commit.previous is not None
-        ]
-        if not replacing:
-            return stored
-        written = await self._store.replace([replacement for _, replacement in replacing])
-        if all(written):
-            return stored
-        stale = [(index, r.session_id) for (index, r), ok in zip(replacing, written, strict=True) if not ok]
-        current = await self._store.get([session_id for _, session_id in stale], now)
-        for (index, session_id), session in zip(stale, current, strict=True):
-            stored[index] = (
-                SessionNotFoundError(session_id)  # ended while its chunk ran
-                if session is None
-                else SessionMovedError(session_id, session.steps)  # another server applied one meanwhile
-            )
+        }
+        if replacing:
+            refused = await self._replace(list(replacing.values()), now)
+            for index, why_not in zip(replacing, refused, strict=True):
+                stored[index] = why_not or False
         return stored
+
+    async def advance(
+        self,
+        session_ids: list[str],
+        found: list[Session],
+        states: np.ndarray,
+        steps: int,
+        replays: list[Replay],
+    ) -> list[ServingError | None]:
+        """Store each session's `states` row after a chunk of `steps` that continued it from `found` (replaced
+        only if that is still what the store holds), in one store call: a frame's many `commit`s as columns.
+        For each, None when stored, else why not (`SessionMovedError`, `SessionNotFoundError`)."""
+        now = self._clock()
+        rows = zip(found, states, replays, strict=True)
+        return await self._replace(
+            [
+                Replacement(
+                    session_id,
+                    Session(state, session.steps + steps, session.created_s, now, replay),
+                    session.steps,
+                )
+                for session_id, (session, state, replay) in zip(session_ids, rows, strict=True)
+            ],
+            now,
+        )
+
+    async def _replace(self, replacing: list[Replacement], now: float) -> list[ServingError | None]:
+        """Make the replacements, in one store call: for each, None when written, else why not."""
+        written = await self._store.replace(replacing)
+        if all(written):
+            return [None] * len(replacing)
+        stale = [replacement.session_id for replacement, ok in zip(replacing, written, strict=True) if not ok]
+        current = dict(zip(stale, await self._store.get(stale, now), strict=True))
+        return [
+            None if ok else _why_not(replacement.session_id, current[replacement.session_id])
+            for replacement, ok in zip(replacing, written, strict=True)
+        ]
 
     async def end(self, session_id: str, reason: EndReason, *, keep_replay: bool = False) -> SessionEnd:
         """End a live session now; raises `SessionNotFoundError`. `keep_replay`: it ended with its own last
