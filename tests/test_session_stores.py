@@ -24,10 +24,10 @@ from serving.domain.sessions.store import (
     Cutoffs,
     EndReason,
     HeldBytes,
-    Replacement,
     Replay,
     Session,
     SessionStore,
+    Successors,
 )
 from serving.server.redis_store import SWEEP_SLICE, RedisSessionStore
 
@@ -93,7 +93,7 @@ async def _get(store: SessionStore, session_id: str, now: float) -> Session | No
 
 
 async def _replace(store: SessionStore, session_id: str, session: Session, steps: int) -> bool:
-    [written] = await store.replace([Replacement(session_id, session, steps)])
+    [written] = await store.replace(Successors.of([(session_id, session, steps)]))
     return written
 
 
@@ -148,12 +148,14 @@ def test_many_sessions_are_looked_up_and_replaced_in_one_call_each_judged_alone(
         assert [None if s is None else s.steps for s in found] == [4, None, 2, 3]
         assert (await _get(store, "b", 250.0)).last_used_s == 200.0  # type: ignore[union-attr]
         written = await store.replace(
-            [
-                Replacement("a", _session(5, 5.0), 2),
-                Replacement("b", _session(9, 9.0), 1),  # stale: nothing written for it
-                Replacement("nobody", _session(2), 0),  # gone
-                Replacement("c", _session(6, 6.0), 4),
-            ]
+            Successors.of(
+                [
+                    ("a", _session(5, 5.0), 2),
+                    ("b", _session(9, 9.0), 1),  # stale: nothing written for it
+                    ("nobody", _session(2), 0),  # gone
+                    ("c", _session(6, 6.0), 4),
+                ]
+            )
         )
         assert written == [True, False, False, True]
         after = await store.get(["a", "b", "c"], 300.0)  # each was used in the one call
@@ -175,8 +177,8 @@ def test_a_frames_look_up_and_replacement_are_one_round_trip_each(redis: RedisSe
             metrics.round_trips.clear()
             found = await store.get([f"s{i}" for i in range(64)], 200.0)
             assert all(session is not None for session in found)
-            replacements = [Replacement(f"s{i}", _session(3), 2) for i in range(64)]
-            assert await store.replace(replacements) == [True] * 64
+            successors = Successors.of([(f"s{i}", _session(3), 2) for i in range(64)])
+            assert await store.replace(successors) == [True] * 64
 
     asyncio.run(main())
     assert metrics.round_trips == [64, 64]
@@ -295,6 +297,29 @@ def test_the_memory_store_counts_the_bytes_it_holds_as_sessions_come_change_and_
         assert store.held_bytes().replay == each  # b's replay dropped: the session lives on
         await store.end("c")
         assert store.held_bytes() == HeldBytes(page, 0)  # the page stays allocated for the next sessions
+
+    asyncio.run(scenario())
+
+
+def test_a_replacement_across_slab_pages_writes_every_row_and_frees_the_old_ones() -> None:
+    """The memory store copies a frame's successors into the slab in one call per page: rows that fall on
+    two pages each get their own state, and the rows they replaced are free again."""
+
+    async def scenario() -> None:
+        store = InMemorySessionStore(SHAPE)
+        count = PAGE_ROWS + 8  # the successors' rows take the first page's last free ones and the next page's
+        for i in range(count):
+            await store.create(f"s{i}", _session(1, float(i)))
+        successors = Successors.of([(f"s{i}", _session(2, float(-i)), 1) for i in range(count)])
+        assert await store.replace(successors) == [True] * count
+        found = await store.get([f"s{i}" for i in range(count)], 200.0)
+        assert [(s.steps, float(s.state.flat[0])) for s in found if s] == [
+            (2, float(-i)) for i in range(count)
+        ]
+        assert store.held_bytes().state == 3 * PAGE_ROWS * int(np.prod(SHAPE)) * 4
+        for i in range(count):  # the freed rows are taken again: no further page
+            await store.create(f"t{i}", _session(1))
+        assert store.held_bytes().state == 3 * PAGE_ROWS * int(np.prod(SHAPE)) * 4
 
     asyncio.run(scenario())
 

@@ -25,7 +25,7 @@ from serving.domain.errors import (
 from serving.domain.sessions.lifecycle import Commit, SessionLimits, Sessions
 from serving.domain.sessions.memory import SWEEP_SLICE, InMemorySessionStore
 from serving.domain.sessions.snapshots import SnapshotCodec
-from serving.domain.sessions.store import EndReason, Replacement, Replay, Session, SessionEnd
+from serving.domain.sessions.store import EndReason, Replay, Session, SessionEnd, Successors
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -248,7 +248,7 @@ def test_a_stale_copy_is_never_committed() -> None:
             await life.sessions.commit("raced", stale, _state(9.0), 2, _replay(1))
         current = await life.sessions.get("raced")
         assert current.steps == 2 and np.array_equal(current.state, _state(1.0))
-        assert await life.store.replace([Replacement("raced", current, 1)]) == [False]
+        assert await life.store.replace(Successors.of([("raced", current, 1)])) == [False]
         assert await life.store.create("raced", current) is False
 
     _run(scenario)

@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from serving.domain.errors import StoreUnavailableError
-from serving.domain.sessions.store import Cutoffs, EndReason, Expired, HeldBytes, Replacement, Session
+from serving.domain.sessions.store import Cutoffs, EndReason, Expired, HeldBytes, Session, Successors
 from serving.server.redis_scripts import SCRIPTS, decode_replay, encode_replay
 
 SWEEP_SLICE = 2000  # sessions one expire script looks at
@@ -115,10 +115,13 @@ class RedisSessionStore:
         self._count += created
         return created
 
-    async def replace(self, replacements: Sequence[Replacement]) -> list[bool]:
-        """Swap in each successor whose stored session has consumed its `steps`; False (nothing written for
-        it) for the others. One round trip for them all."""
-        calls = [self._queue_write(*replacement) for replacement in replacements]
+    async def replace(self, successors: Successors) -> list[bool]:
+        """Swap in each successor whose stored session has consumed its expected steps; False (nothing
+        written for it) for the others. One round trip for them all."""
+        calls = [
+            self._queue_write(session_id, successors.session(row), successors.expected[row])
+            for row, session_id in enumerate(successors.session_ids)
+        ]
         return [bool(written) for written in await asyncio.gather(*calls)]
 
     async def end(self, session_id: str) -> Session | None:

@@ -27,11 +27,11 @@ from serving.domain.sessions.store import (
     EVERYTHING,
     Cutoffs,
     EndReason,
-    Replacement,
     Replay,
     Session,
     SessionEnd,
     SessionStore,
+    Successors,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,14 +57,14 @@ def _why_not(session_id: str, current: Session | None) -> ServingError:
     return SessionMovedError(session_id, current.steps)  # another server applied one meanwhile
 
 
-def _successor(commit: Commit, now: float) -> Replacement:
-    """The replacement `commit` (of a session that existed) writes, used `now`."""
+def _successor(commit: Commit, now: float) -> tuple[str, Session, int]:
+    """What `commit` (of a session that existed) writes, used `now`: (session id, successor, steps the stored
+    session must have consumed)."""
     previous = commit.previous
     assert previous is not None  # the caller's filter
     created_s = now if commit.restart else previous.created_s
-    return Replacement(
-        commit.session_id, Session(commit.state, commit.steps, created_s, now, commit.replay), previous.steps
-    )
+    successor = Session(commit.state, commit.steps, created_s, now, commit.replay)
+    return commit.session_id, successor, previous.steps
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class Sessions:
             if commit.previous is not None
         }
         if replacing:
-            refused = await self._replace(list(replacing.values()), now)
+            refused = await self._replace(Successors.of(list(replacing.values())), now)
             for index, why_not in zip(replacing, refused, strict=True):
                 stored[index] = why_not or False
         return stored
@@ -175,35 +175,34 @@ class Sessions:
         found: list[Session],
         states: np.ndarray,
         steps: int,
-        replays: list[Replay],
+        replays: Sequence[Replay | None],
     ) -> list[ServingError | None]:
         """Store each session's `states` row after a chunk of `steps` that continued it from `found` (replaced
         only if that is still what the store holds), in one store call: a frame's many `commit`s as columns.
         For each, None when stored, else why not (`SessionMovedError`, `SessionNotFoundError`)."""
         now = self._clock()
-        rows = zip(found, states, replays, strict=True)
-        return await self._replace(
-            [
-                Replacement(
-                    session_id,
-                    Session(state, session.steps + steps, session.created_s, now, replay),
-                    session.steps,
-                )
-                for session_id, (session, state, replay) in zip(session_ids, rows, strict=True)
-            ],
-            now,
+        successors = Successors(
+            session_ids,
+            [session.steps for session in found],
+            states,
+            [session.steps + steps for session in found],
+            [session.created_s for session in found],
+            [now] * len(found),
+            list(replays),
         )
+        return await self._replace(successors, now)
 
-    async def _replace(self, replacing: list[Replacement], now: float) -> list[ServingError | None]:
-        """Make the replacements, in one store call: for each, None when written, else why not."""
-        written = await self._store.replace(replacing)
+    async def _replace(self, successors: Successors, now: float) -> list[ServingError | None]:
+        """Write the successors, in one store call: for each, None when written, else why not."""
+        written = await self._store.replace(successors)
         if all(written):
-            return [None] * len(replacing)
-        stale = [replacement.session_id for replacement, ok in zip(replacing, written, strict=True) if not ok]
+            return [None] * len(written)
+        session_ids = successors.session_ids
+        stale = [session_id for session_id, ok in zip(session_ids, written, strict=True) if not ok]
         current = dict(zip(stale, await self._store.get(stale, now), strict=True))
         return [
-            None if ok else _why_not(replacement.session_id, current[replacement.session_id])
-            for replacement, ok in zip(replacing, written, strict=True)
+            None if ok else _why_not(session_id, current[session_id])
+            for session_id, ok in zip(session_ids, written, strict=True)
         ]
 
     async def end(self, session_id: str, reason: EndReason, *, keep_replay: bool = False) -> SessionEnd:

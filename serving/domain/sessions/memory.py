@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 
 from serving.domain.sessions.slab import StateSlab
-from serving.domain.sessions.store import Cutoffs, Expired, HeldBytes, Replacement, Replay, Session
+from serving.domain.sessions.store import Cutoffs, Expired, HeldBytes, Replay, Session, Successors
 
 # Sessions `expire` looks at before it yields: 1-4 ms on the bench host, where a whole pass over 100k
 # sessions takes 40-160 ms (160 when it drops their replays).
@@ -26,10 +26,6 @@ class _Entry:
     __slots__ = ("created_s", "last_used_s", "replay", "slot", "steps")
 
     def __init__(self, slot: int, session: Session) -> None:
-        self.become(slot, session)
-
-    def become(self, slot: int, session: Session) -> None:
-        """Hold `session`, its state in `slot`."""
         self.slot: int = slot
         self.steps: int = session.steps
         self.created_s: float = session.created_s
@@ -68,27 +64,41 @@ class InMemorySessionStore:
         """Add `session` unless `session_id` is taken; False (nothing written) when it is."""
         if session_id in self._entries:
             return False
-        self._entries[session_id] = _Entry(self._store_state(session.state), session)
+        self._check_shape(session.state)
+        self._entries[session_id] = _Entry(self._slab.store(session.state), session)
         self._replay_bytes += _nbytes(session.replay)
         return True
 
-    async def replace(self, replacements: Sequence[Replacement]) -> list[bool]:
-        """Swap in each successor whose stored session has consumed its `steps`; False (nothing written for
-        it) for the others."""
-        entries, written = self._entries, []
-        for session_id, session, steps in replacements:
-            entry = entries.get(session_id)
-            if entry is None or entry.steps != steps:
-                written.append(False)
-                continue
+    async def replace(self, successors: Successors) -> list[bool]:
+        """Swap in each successor whose stored session has consumed its expected steps; False (nothing
+        written for it) for the others. The states are copied in one slab call."""
+        entries, session_ids = self._entries, successors.session_ids
+        current = [entries.get(session_id) for session_id in session_ids]
+        rows = [
+            row
+            for row, (entry, expected) in enumerate(zip(current, successors.expected, strict=True))
+            if entry is not None and entry.steps == expected
+        ]
+        written = [False] * len(session_ids)
+        if not rows:
+            return written
+        states = successors.states if len(rows) == len(session_ids) else successors.states[rows]
+        self._check_shape(states[0])
+        # New rows, the old ones released after: a reader of an old state never sees it change mid-chunk.
+        slots = self._slab.store_many(states)
+        old_slots = []
+        for row, slot in zip(rows, slots, strict=True):
+            session_id, entry = session_ids[row], current[row]
+            assert entry is not None  # a row of `rows`
             del entries[session_id]
             entries[session_id] = entry  # last: most recent
-            # A new row, the old one released after: a reader of the old state never sees it change mid-chunk.
-            slot = self._store_state(session.state)
-            self._forget(entry)
-            entry.become(slot, session)
-            self._replay_bytes += _nbytes(session.replay)
-            written.append(True)
+            old_slots.append(entry.slot)
+            replay = successors.replays[row]
+            self._replay_bytes += _nbytes(replay) - _nbytes(entry.replay)
+            entry.slot, entry.steps, entry.replay = slot, successors.steps[row], replay
+            entry.created_s, entry.last_used_s = successors.created_s[row], successors.last_used_s[row]
+            written[row] = True
+        self._slab.release(*old_slots)
         return written
 
     async def end(self, session_id: str) -> Session | None:
@@ -129,11 +139,9 @@ class InMemorySessionStore:
         """The slab's pages, and the live sessions' kept responses."""
         return HeldBytes(self._slab.held_bytes, self._replay_bytes)
 
-    def _store_state(self, state: np.ndarray) -> int:
-        """`state` copied into a slab row; its slot."""
+    def _check_shape(self, state: np.ndarray) -> None:
         if state.shape != self._shape or state.dtype != np.float32:
             raise ValueError(f"state must be float32 {self._shape}, got {state.dtype} {state.shape}")
-        return self._slab.store(state)
 
     def _remove(self, session_id: str, entry: _Entry) -> Session:
         del self._entries[session_id]
@@ -143,7 +151,7 @@ class InMemorySessionStore:
         return session
 
     def _forget(self, entry: _Entry) -> None:
-        """Release what a replaced or removed entry held."""
+        """Release what a removed entry held."""
         self._slab.release(entry.slot)
         self._replay_bytes -= _nbytes(entry.replay)
 

@@ -32,6 +32,22 @@ class StateSlab:
         self._pages[slot >> PAGE_BITS][slot & _ROW_MASK] = state
         return slot
 
+    def store_many(self, states: np.ndarray) -> list[int]:
+        """Copy each row of `states` [rows, ...] into a free row, in one assignment per page touched; their
+        slots, in order."""
+        count = len(states)
+        while len(self._free) < count:
+            self._grow()
+        slots = self._free[len(self._free) - count :][::-1]  # as `store` would pop them, one by one
+        del self._free[len(self._free) - count :]
+        index = np.array(slots)
+        pages = index >> PAGE_BITS
+        # Most often one page: a frame's rows are freed, and taken again, together.
+        for page in np.unique(pages).tolist():
+            rows = pages == page
+            self._pages[page][index[rows] & _ROW_MASK] = states[rows]
+        return slots
+
     def view(self, slot: int) -> np.ndarray:
         """The state in `slot`, read-only. It stays as it is until the slot is released and taken again."""
         row: np.ndarray = self._views[slot >> PAGE_BITS][slot & _ROW_MASK]
@@ -42,9 +58,9 @@ class StateSlab:
         """Bytes of the pages allocated (rows in use or free)."""
         return sum(page.nbytes for page in self._pages)
 
-    def release(self, slot: int) -> None:
-        """Give `slot` back; the next `store` may reuse it."""
-        self._free.append(slot)
+    def release(self, *slots: int) -> None:
+        """Give `slots` back; the next `store` may reuse them."""
+        self._free.extend(slots)
 
     def _grow(self) -> None:
         page = np.zeros((PAGE_ROWS, *self._shape), np.float32)

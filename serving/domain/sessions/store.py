@@ -91,12 +91,37 @@ class HeldBytes(NamedTuple):
 Expired = tuple[str, Session, EndReason]  # a session `expire` removed, and why
 
 
-class Replacement(NamedTuple):
-    """A session's successor, to be written if the stored session has consumed `steps` (compare-and-set)."""
+class Successors(NamedTuple):
+    """Sessions' successors as columns (a frame's sessions, or one), each to be written only if its stored
+    session has consumed `expected[i]` steps (compare-and-set). The ids are distinct."""
 
-    session_id: str
-    session: Session
-    steps: int
+    session_ids: list[str]
+    expected: list[int]
+    states: np.ndarray  # [sessions, state size] float32: a store keeps its own copy
+    steps: list[int]
+    created_s: list[float]
+    last_used_s: list[float]
+    replays: list[Replay | None]
+
+    @classmethod
+    def of(cls, replacements: Sequence[tuple[str, Session, int]]) -> Successors:
+        """Each (session id, successor, steps the stored session must have consumed) as columns."""
+        sessions = [session for _, session, _ in replacements]
+        return cls(
+            [session_id for session_id, _, _ in replacements],
+            [expected for _, _, expected in replacements],
+            np.array([session.state for session in sessions], np.float32),
+            [session.steps for session in sessions],
+            [session.created_s for session in sessions],
+            [session.last_used_s for session in sessions],
+            [session.replay for session in sessions],
+        )
+
+    def session(self, row: int) -> Session:
+        """Row `row`'s successor."""
+        return Session(
+            self.states[row], self.steps[row], self.created_s[row], self.last_used_s[row], self.replays[row]
+        )
 
 
 EVERYTHING = Cutoffs(float("inf"), float("inf"), float("inf"))  # every session is past these
@@ -122,9 +147,9 @@ class SessionStore(Protocol):
         """Add `session` unless `session_id` is taken; False (nothing written) when it is."""
         ...
 
-    async def replace(self, replacements: Sequence[Replacement]) -> list[bool]:
-        """Swap in each successor whose stored session has consumed its `steps` (compare-and-set); False for
-        one whose has not or is gone: the caller's copy was stale, and nothing was written for it."""
+    async def replace(self, successors: Successors) -> list[bool]:
+        """Swap in each successor whose stored session has consumed its expected steps (compare-and-set);
+        False for one whose has not or is gone: the caller's copy was stale, nothing was written for it."""
         ...
 
     async def end(self, session_id: str) -> Session | None:
