@@ -45,12 +45,29 @@ class Lifecycle:
 
     async def start(self, session_id: str, steps: int, value: float = 0.0, offset: int = 0) -> bool:
         """Commit a new session (True when created)."""
-        return await self.sessions.commit(session_id, None, _state(value), steps, _replay(offset))
+        return await _commit(self.sessions, session_id, None, _state(value), steps, _replay(offset))
 
     async def advance(self, session_id: str, steps: int, value: float = 0.0, offset: int = 0) -> None:
         """Commit the next chunk of a live session."""
         previous = await self.sessions.get(session_id)
-        await self.sessions.commit(session_id, previous, _state(value), steps, _replay(offset))
+        await _commit(self.sessions, session_id, previous, _state(value), steps, _replay(offset))
+
+
+async def _commit(
+    sessions: Sessions,
+    session_id: str,
+    previous: Session | None,
+    state: np.ndarray,
+    steps: int,
+    replay: Replay,
+    *,
+    restart: bool = False,
+) -> bool:
+    """One session's commit: True when it created the session; its error raised."""
+    [stored] = await sessions.commit_many([Commit(session_id, previous, state, steps, replay, restart)])
+    if isinstance(stored, Exception):
+        raise stored
+    return stored
 
 
 def _run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -72,7 +89,7 @@ def test_commit_then_get_returns_a_read_only_state_and_counts() -> None:
         session = await life.sessions.get("a")
         assert session.steps == 5 and np.array_equal(session.state, _state(1.0))
         assert not session.state.flags.writeable
-        assert await life.sessions.commit("a", session, _state(2.0), 9, _replay(5)) is False
+        assert await _commit(life.sessions, "a", session, _state(2.0), 9, _replay(5)) is False
         assert (await life.sessions.get("a")).steps == 9 and len(life.sessions) == 1
 
     _run(scenario)
@@ -149,7 +166,7 @@ def test_a_sweep_pauses_between_slices_and_judges_each_session_as_it_is_then() -
         await asyncio.sleep(0)
         assert len(life.ended) == SWEEP_SLICE  # one slice done, then a pause for other work
         # The chunk is committed in the pause.
-        await life.sessions.commit(f"s{SWEEP_SLICE}", running, _state(1.0), 2, _replay())
+        await _commit(life.sessions, f"s{SWEEP_SLICE}", running, _state(1.0), 2, _replay())
         await sweep
         assert [e.session_id for e in life.ended[SWEEP_SLICE:]] == [f"s{SWEEP_SLICE + 1}"]
         assert len(life.sessions) == 1
@@ -204,7 +221,7 @@ def test_at_capacity_a_new_session_is_refused() -> None:
         with pytest.raises(CapacityExceededError):
             await life.start("d", 1)
         previous = await life.sessions.get("a")  # a restart of a live session takes no extra room
-        await life.sessions.commit("a", previous, _state(0), 1, _replay(), restart=True)
+        await _commit(life.sessions, "a", previous, _state(0), 1, _replay(), restart=True)
         assert len(life.sessions) == 3
 
     _run(scenario)
@@ -231,7 +248,7 @@ def test_committing_a_session_that_ended_meanwhile_is_not_found() -> None:
         previous = await life.sessions.get("gone")
         assert (await life.sessions.end("gone", EndReason.END)).steps == 1
         with pytest.raises(SessionNotFoundError):
-            await life.sessions.commit("gone", previous, _state(0), 2, _replay(1))
+            await _commit(life.sessions, "gone", previous, _state(0), 2, _replay(1))
 
     _run(scenario)
 
@@ -245,7 +262,7 @@ def test_a_stale_copy_is_never_committed() -> None:
         stale = await life.sessions.get("raced")
         await life.advance("raced", 2, 1.0, offset=1)
         with pytest.raises(SessionMovedError, match="advanced to 2 steps by another server"):
-            await life.sessions.commit("raced", stale, _state(9.0), 2, _replay(1))
+            await _commit(life.sessions, "raced", stale, _state(9.0), 2, _replay(1))
         current = await life.sessions.get("raced")
         assert current.steps == 2 and np.array_equal(current.state, _state(1.0))
         assert await life.store.replace(Successors.of([("raced", current, 1)])) == [False]

@@ -126,29 +126,11 @@ class Sessions:
         if len(self._store) >= self._limits.max_sessions and not self._limits.evict_lru:
             raise CapacityExceededError(self._limits.max_sessions)
 
-    async def commit(
-        self,
-        session_id: str,
-        previous: Session | None,
-        state: np.ndarray,
-        steps: int,
-        replay: Replay,
-        *,
-        restart: bool = False,
-    ) -> bool:
-        """Store a session's state after a chunk; True when that created the session.
-
-        `previous` is the session as it was when the chunk began (None: a new session); it is replaced only if
-        it is still what the store holds. `restart`: the chunk started it afresh (reset).
-        """
-        [stored] = await self.commit_many([Commit(session_id, previous, state, steps, replay, restart)])
-        if isinstance(stored, Exception):
-            raise stored
-        return stored
-
     async def commit_many(self, commits: Sequence[Commit]) -> list[bool | ServingError]:
-        """`commit` of each, the replacements in one store call: for each, True when it created its session,
-        or why it was not stored (`SessionMovedError`, `SessionNotFoundError`, `CapacityExceededError`)."""
+        """Store each session's state after a chunk, the replacements in one store call. A commit's `previous`
+        is the session as it was when the chunk began (None: a new one); it is replaced only if it is still
+        what the store holds. For each, True when it created its session, or why it was not stored
+        (`SessionMovedError`, `SessionNotFoundError`, `CapacityExceededError`)."""
         now = self._clock()
         stored: list[bool | ServingError] = [False] * len(commits)
         for index, commit in enumerate(commits):
@@ -178,7 +160,7 @@ class Sessions:
         replays: Sequence[Replay | None],
     ) -> list[ServingError | None]:
         """Store each session's `states` row after a chunk of `steps` that continued it from `found` (replaced
-        only if that is still what the store holds), in one store call: a frame's many `commit`s as columns.
+        only if that is still what the store holds), in one store call: a frame's many commits as columns.
         For each, None when stored, else why not (`SessionMovedError`, `SessionNotFoundError`)."""
         now = self._clock()
         successors = Successors(
