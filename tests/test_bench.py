@@ -35,6 +35,7 @@ def _micro(model_dir: Path) -> BenchOptions:
         stateless_sessions=(1,),
         one_stream_sessions=(3,),
         frame_sessions=(3,),
+        frames_in_flight=2,  # frames of 2 and 1 sessions taking turns
         channels=2,
         warmup_s=0.1,
         seconds=0.3,
@@ -112,12 +113,15 @@ def test_flags_pick_the_grid_and_quick_keeps_explicit_ones(tmp_path: Path) -> No
     assert quick.sessions == (1, 64) and quick.seconds == 0.5 and quick.model_dir == tmp_path
     assert quick.one_stream_sessions == (64,)
     argv = ["--target", "127.0.0.1:1", "--sessions", "1,16", "--one-stream-sessions", "8"]
-    target = options_from_args(parser.parse_args([*argv, "--frame-sessions", "32", "--chunk-steps", "1"]))
-    assert target.model_dir is None and target.sessions == (1, 16)
+    argv += ["--frame-sessions", "32", "--frames-in-flight", "2", "--chunk-steps", "1"]
+    target = options_from_args(parser.parse_args(argv))
+    assert target.model_dir is None and target.sessions == (1, 16) and target.frames_in_flight == 2
+    assert quick.frames_in_flight == 1
     assert {cell.mode for cell in plan(target)} == {"batched", "one_stream", "frames", "stateless"}
     assert [(c.sessions, c.channels) for c in plan(target) if c.mode == "one_stream"] == [(8, 1)]
     assert [(c.sessions, c.channels) for c in plan(target) if c.mode == "frames"] == [(32, 1)]
-    for bad in ({"model_dir": tmp_path, "modes": ("warp",)}, {}, {"model_dir": tmp_path, "seconds": 0}):
+    bads = [{"model_dir": tmp_path, "modes": ("warp",)}, {}, {"model_dir": tmp_path, "seconds": 0}]
+    for bad in [*bads, {"model_dir": tmp_path, "frames_in_flight": 0}]:
         with pytest.raises(BenchError):
             BenchOptions(**bad)  # type: ignore[arg-type]
     with pytest.raises(BenchError, match="no exported model in"):

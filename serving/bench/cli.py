@@ -21,6 +21,7 @@ _FIELDS = (
     "histories",
     "one_stream_sessions",
     "frame_sessions",
+    "frames_in_flight",
     "channels",
     "seconds",
     "warmup_s",
@@ -50,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--frame-sessions",
         type=_counts,
         help=f"frames' sessions, at every chunk length (default {_show(full.frame_sessions)})",
+    )
+    add(
+        "--frames-in-flight",
+        type=int,
+        help=f"frames mode: frames taking turns, sessions split among them (default {full.frames_in_flight})",
     )
     add("--channels", type=int, help=f"gRPC connections of the load process (default {full.channels})")
     add("--seconds", type=float, help=f"measured per cell (default {full.seconds}; quick {fast.seconds})")

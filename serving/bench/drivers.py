@@ -1,7 +1,7 @@
 """The load process's clients: each session keeps one chunk in flight (a closed loop), its next chunk leaving
 when its response arrives, so `sessions` is the concurrency. Sessions are spread over `channels` connections,
 one Stream call each (one_stream: every session multiplexed on one); frames: one Frames call, the sessions in
-`FRAMES_IN_FLIGHT` frames that take turns. Raw generated stubs on purpose: the figure should measure the
+as many frames as the job asks, taking turns. Raw generated stubs on purpose: the figure should measure the
 server, not a client library.
 """
 
@@ -22,7 +22,6 @@ from serving.bench.wire import stub
 from serving.wire import pb, pb_grpc
 
 _Message = TypeVar("_Message", pb.ChunkRequest, pb.Frame)
-FRAMES_IN_FLIGHT = 2  # frames mode: the server computes one frame while the other travels
 
 
 class _Feed:
@@ -167,13 +166,17 @@ async def _drive_frames(service: pb_grpc.ConveyorAsyncStub, feeds: list[_FrameFe
 
 
 def start_drivers(
-    cell: Cell, channels: list[grpc.aio.Channel], make: Callable[[int], pb.Tensor], window: Window
+    cell: Cell,
+    channels: list[grpc.aio.Channel],
+    make: Callable[[int], pb.Tensor],
+    window: Window,
+    frames_in_flight: int,
 ) -> list[asyncio.Task[None]]:
-    """Start the clients of `cell` on `channels` (inputs from `make`, answers counted in `window`); a task
-    only ends by failing."""
+    """Start the clients of `cell` on `channels` (inputs from `make`, answers counted in `window`; frames:
+    the sessions split into `frames_in_flight` frames); a task only ends by failing."""
     prefix = uuid.uuid4().hex[:8]
     if cell.mode == "frames":
-        groups = min(FRAMES_IN_FLIGHT, cell.sessions)
+        groups = min(frames_in_flight, cell.sessions)
         sizes = [len(range(i, cell.sessions, groups)) for i in range(groups)]
         frames = [_FrameFeed(f"{prefix}-{i}", size, cell, make) for i, size in enumerate(sizes)]
         return [asyncio.create_task(_drive_frames(stub(channels[0]), frames, window))]

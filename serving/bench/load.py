@@ -34,7 +34,7 @@ async def _measure_server(job: Job) -> Job:
         info = await stub(channels[0]).GetModelInfo(pb.ModelInfoRequest(), timeout=30)
         make = inputs_maker(info, np.random.default_rng(job.get("seed", 0)))
         window = Window()
-        tasks = start_drivers(cell, channels, make, window)
+        tasks = start_drivers(cell, channels, make, window, job["frames_in_flight"])
         return await _run_window(tasks, window, job["warmup_s"], job["seconds"])
     finally:
         for channel in channels:

@@ -122,6 +122,7 @@ def _measure(cell: Cell, host: Host | None, options: BenchOptions) -> Row:
         "seconds": options.seconds,
         "ort_threads": options.ort_threads,
         "max_batch_size": options.max_batch_size,
+        "frames_in_flight": options.frames_in_flight,
     }
     probe = _Probe(host)
     result = run_load(job, probe.start, probe.stop)
