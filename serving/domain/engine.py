@@ -93,7 +93,7 @@ class Engine:
         async with self._admission.hold_all([keys[row] for row in rows]):
             found = await self._sessions.find_many([keys[row] for row in rows])
             plan = self._plan(call, dict(zip(rows, found, strict=True)))
-            if plan.rows:
+            if plan.continued or plan.runs:
                 await self._run_frame(call, plan)
         outcome.settle(frame)
         return outcome
@@ -180,7 +180,8 @@ class Engine:
         """Run the planned rows as one block (continued sessions first) and commit them, or fail them all
         with the run."""
         rows, inputs = plan.rows, call.frame.inputs
-        x = inputs if rows == list(range(len(inputs))) else inputs[rows]
+        # Every row continued (the usual frame): they are the frame's rows in order, so no copy is needed.
+        x = inputs if len(plan.continued) == len(inputs) else inputs[rows]
         states = [session.state for session in plan.continued.values()]
         states += [run.state for run in plan.runs.values()]
         try:
