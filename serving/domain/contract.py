@@ -138,7 +138,7 @@ class Contract:
         session alone."""
         if self.closed:
             return [ShuttingDownError() for _ in continued.keys]
-        keep = continued.answers[0].nbytes <= self._model.replay_max_bytes
+        keep = _kept(continued.answers[0], self._model.replay_max_bytes)  # the rows share a size
         rows = zip(continued.found, continued.answers, continued.digests, strict=True)
         # The answer is a row of the frame's: a kept copy holds only its own bytes.
         replays = [
@@ -236,8 +236,14 @@ def _commit(run: Run, answer: np.ndarray, state: np.ndarray, replay_max_bytes: i
     """What `run` leaves in the store: its new state and step count, and its answer for a replay (when no
     larger than `replay_max_bytes`; its digest always)."""
     job, chunk = run.job, run.job.chunk
-    replay = Replay(job.digest, chunk.offset, answer if answer.nbytes <= replay_max_bytes else None)
+    replay = Replay(job.digest, chunk.offset, answer if _kept(answer, replay_max_bytes) else None)
     return Commit(job.key, run.previous, state, run.steps + len(chunk.inputs), replay, chunk.start)
+
+
+def _kept(answer: np.ndarray, replay_max_bytes: int) -> bool:
+    """Whether a replay keeps `answer` itself; a larger one keeps only its digest (a retry of its chunk then
+    gets `ReplayNotKeptError`)."""
+    return answer.nbytes <= replay_max_bytes
 
 
 def _runnable(job: Job, previous: Session | None, state: np.ndarray, steps: int) -> Run:

@@ -90,8 +90,9 @@ class Engine:
         outcome.errors.update(refused(frame, keys, self.model))
         rows = [row for row in range(len(keys)) if row not in outcome.errors]
         call = _FrameCall(frame, outcome, keys, watcher)
-        async with self._admission.hold_all([keys[row] for row in rows]):
-            found = await self._sessions.find_many([keys[row] for row in rows])
+        held = [keys[row] for row in rows]
+        async with self._admission.hold_all(held):
+            found = await self._sessions.find_many(held)
             plan = self._plan(call, dict(zip(rows, found, strict=True)))
             if plan.continued or plan.runs:
                 await self._run_frame(call, plan)
