@@ -58,7 +58,7 @@ class AsyncConveyorClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stream: BidiCall[pb.ChunkRequest, pb.ChunkResponse] | None = None
         self._frames: BidiCall[pb.Frame, pb.FrameResult] | None = None
-        self._packer = FramePacker(lambda frame: self._open_frames().send(frame, self.options.timeout_s))
+        self._packer = FramePacker(self._send_frame)
         self._route_key = options.route_key or uuid.uuid4().hex  # one key: every stream goes the same way
         self._request_ids = itertools.count()
         # Live cursors by session id, so in-band SessionEnded notices reach their sessions.
@@ -141,7 +141,7 @@ class AsyncConveyorClient:
     async def frame(self, frame: pb.Frame) -> pb.FrameResult:
         """Send one frame (many sessions' chunks, columnar) over the shared Frames stream, retrying when the
         stream breaks; errors of single sessions come back in the result."""
-        return await self._retrying(lambda: self._open_frames().send(frame, self.options.timeout_s), frame)
+        return await self._retrying(lambda: self._send_frame(frame), frame)
 
     async def step(self, request: pb.ChunkRequest) -> pb.ChunkResponse:
         """Send one raw chunk request as a unary Step call, retrying retryable failures."""
@@ -169,6 +169,11 @@ class AsyncConveyorClient:
             metadata = call_metadata(self.options, self._route_key)
             self._stream = BidiCall(self._stub, STREAM, metadata, self._session_ended)
         return self._stream
+
+    async def _send_frame(self, frame: pb.Frame) -> pb.FrameResult:
+        # The server cuts a result larger than what this channel receives into parts, which the call joins.
+        frame.max_result_bytes = frame.max_result_bytes or self.options.max_message_bytes
+        return await self._open_frames().send(frame, self.options.timeout_s)
 
     def _open_frames(self) -> BidiCall[pb.Frame, pb.FrameResult]:
         if self._frames is None or self._frames.broken is not None:

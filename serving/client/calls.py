@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from serving.client.core import ConveyorError
+from serving.client.frames import join_parts
 from serving.wire import pb
 
 Request = TypeVar("Request", pb.ChunkRequest, pb.Frame)
@@ -29,10 +30,11 @@ class CallKind:
     method: str  # "Stream" | "Frames"
     id_field: str  # "request_id" | "frame_id"
     result_kind: str  # the response's oneof field holding a result: "chunk" | "result"
+    in_parts: bool = False  # a result may come in parts (FrameResult.more), joined before it is answered
 
 
 STREAM = CallKind("Stream", "request_id", "chunk")
-FRAMES = CallKind("Frames", "frame_id", "result")
+FRAMES = CallKind("Frames", "frame_id", "result", in_parts=True)
 
 
 class BidiCall(Generic[Request, Answer]):
@@ -48,6 +50,7 @@ class BidiCall(Generic[Request, Answer]):
         self._kind = kind
         self._outbox: asyncio.Queue[Request | None] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future[Answer]] = {}
+        self._parts: dict[str, list[Any]] = {}  # the parts of results still coming, by request id
         self._on_ended = on_ended
         self._call = getattr(stub, kind.method)(self._requests(), metadata=metadata)
         self._reader = asyncio.create_task(self._read())
@@ -108,7 +111,13 @@ class BidiCall(Generic[Request, Answer]):
             return
         result = kind == self._kind.result_kind
         answer = getattr(message, kind)
-        future = self._pending.get(getattr(answer, self._kind.id_field if result else "request_id"))
+        key = getattr(answer, self._kind.id_field if result else "request_id")
+        if result and self._kind.in_parts and (answer.more or key in self._parts):
+            self._parts.setdefault(key, []).append(answer)
+            if answer.more:
+                return
+            answer = join_parts(self._parts.pop(key))
+        future = self._pending.get(key)
         if future is None or future.done():
             return  # its sender gave up (deadline or cancellation)
         if result:

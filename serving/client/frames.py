@@ -112,6 +112,22 @@ def pack(requests: list[pb.ChunkRequest], frame_id: str) -> pb.Frame:
     return frame
 
 
+def join_parts(parts: list[pb.FrameResult]) -> pb.FrameResult:
+    """One FrameResult of a frame's parts (consecutive sessions each, in order), as if it had come whole."""
+    parts = sorted(parts, key=lambda part: part.first_index)
+    joined = pb.FrameResult(frame_id=parts[0].frame_id)
+    for part in parts:
+        joined.session_ids.extend(part.session_ids)
+        joined.steps.extend(part.steps)
+        joined.ended.extend(part.ended)
+        joined.replayed.extend(part.replayed)
+        joined.errors.extend(part.errors)
+    joined.outputs.dtype = parts[0].outputs.dtype
+    joined.outputs.shape[:] = [len(joined.session_ids), *parts[0].outputs.shape[1:]]
+    joined.outputs.data = b"".join(part.outputs.data for part in parts)
+    return joined
+
+
 def unpack(frame: pb.Frame, result: pb.FrameResult) -> list[pb.ChunkResponse | ConveyorError]:
     """Each session's response, or its error, in the frame's order."""
     outputs = decode(result.outputs)

@@ -22,13 +22,15 @@ from serving.server.metrics import ConveyorMetrics
 from serving.server.outbox import Message, Outbox, StreamLimits, chunk_cost
 from serving.server.translate import (
     BY_NUMBER,
+    check_result_fits,
     chunk_from_pb,
     end_notice,
     frame_end_notice,
     frame_from_pb,
-    frame_result_to_pb,
+    frame_results_to_pb,
     malformed_error,
     model_info_to_pb,
+    result_limit,
     result_to_pb,
     status_for,
 )
@@ -211,9 +213,11 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         namespace: str,
         cost: int,
     ) -> None:
-        """A frame's FrameResult (each session's chunk counted as a chunk answered), or its whole error."""
+        """A frame's FrameResults (each session's chunk counted as a chunk answered), or its whole error."""
         try:
             columns = frame_from_pb(frame, namespace)
+            limit = result_limit(frame)
+            check_result_fits(frame, limit, self._engine.model.spec.output_size)
         except InvalidChunkError as exc:
             code = grpc.StatusCode.INVALID_ARGUMENT
             self._metrics.chunk_answered(time.perf_counter() - received, code.name)
@@ -221,15 +225,20 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
             outbox.answer(pb.FrameResponse(error=refusal), cost)
             return
         outcome = await self._engine.step_frame(columns, outbox.watcher)
-        result = frame_result_to_pb(frame.frame_id, outcome)
+        parts = frame_results_to_pb(frame.frame_id, outcome, limit)
         elapsed = time.perf_counter() - received
-        for error in result.errors:
-            self._metrics.chunk_answered(elapsed, BY_NUMBER[error.code].name)
+        for part in parts:
+            for error in part.errors:
+                self._metrics.chunk_answered(elapsed, BY_NUMBER[error.code].name)
         self._metrics.chunk_answered(elapsed, chunks=outcome.answered)
         outbox.touched.update(
             session_id for index, session_id in enumerate(outcome.session_ids) if index not in outcome.errors
         )
-        outbox.answer(pb.FrameResponse(result=result), cost)
+        for part in parts[:-1]:
+            outbox.answer(
+                pb.FrameResponse(result=part), -1
+            )  # the frame's cost is released with its last part
+        outbox.answer(pb.FrameResponse(result=parts[-1]), cost)
 
     async def _answer(
         self,

@@ -61,6 +61,11 @@ _REASONS = {
     EndReason.CAPACITY: pb.END_REASON_CAPACITY,
     EndReason.SHUTDOWN: pb.END_REASON_SHUTDOWN,
 }
+# gRPC's default receive limit: what a client that names none can take.
+DEFAULT_RESULT_LIMIT_BYTES = 4 * 1024 * 1024
+# A session's columns besides its outputs: its id's tag and length, its step count (a varint of at most 10
+# bytes) and two flags, each with room for its packed field's share.
+_ROW_BYTES = 24
 _OUTPUT_MODES = {pb.OUTPUT_MODE_ALL: OutputMode.ALL, pb.OUTPUT_MODE_LAST: OutputMode.LAST}
 
 
@@ -185,19 +190,67 @@ def frame_from_pb(frame: pb.Frame, namespace: str = "") -> Frame:
     return Frame(list(frame.session_ids), inputs, offsets, start, end, reset, snapshots, mode, namespace)
 
 
-def frame_result_to_pb(frame_id: str, outcome: FrameOutcome) -> pb.FrameResult:
-    """The FrameResult of a frame's outcome (each session's result, or the error of that session alone)."""
+def result_limit(frame: pb.Frame) -> int:
+    """The largest FrameResponse the frame's client accepts; `InvalidChunkError` for a negative limit."""
+    if frame.max_result_bytes < 0:
+        raise InvalidChunkError(
+            f"max_result_bytes must be >= 0 (0: {DEFAULT_RESULT_LIMIT_BYTES}), got {frame.max_result_bytes}"
+        )
+    return frame.max_result_bytes or DEFAULT_RESULT_LIMIT_BYTES
+
+
+def check_result_fits(frame: pb.Frame, limit: int, output_size: int) -> None:
+    """`InvalidChunkError` when one session's result alone would pass `limit`: no split could deliver it."""
+    steps = 1 if frame.outputs == pb.OUTPUT_MODE_LAST else (frame.inputs.shape[1:2] or [1])[0]
+    needed = 4 * output_size * max(steps, 1) + _ROW_BYTES + _part_headroom(frame.frame_id)
+    if needed > limit:
+        raise InvalidChunkError(
+            f"one session's result needs {needed} bytes ({steps} steps x {output_size} float32 outputs), "
+            f"over the frame's max_result_bytes {limit}: raise the client's receive limit "
+            "(grpc.max_receive_message_length) and max_result_bytes, send shorter chunks, or ask for "
+            "OUTPUT_MODE_LAST"
+        )
+
+
+def frame_results_to_pb(frame_id: str, outcome: FrameOutcome, limit: int) -> list[pb.FrameResult]:
+    """The FrameResults of a frame's outcome (each session's result, or the error of that session alone): one
+    message when it fits in `limit` bytes, else parts of consecutive sessions, each under it."""
+    errors = [
+        pb.FrameError(index=index, code=code.value[0], message=message)
+        for index, (code, message) in ((i, status_for(e)) for i, e in sorted(outcome.errors.items()))
+    ]
+    sessions = len(outcome.session_ids)
+    row_bytes = outcome.outputs[0].nbytes + max(map(len, outcome.session_ids)) + _ROW_BYTES
+    room = limit - _part_headroom(frame_id) - sum(error.ByteSize() + 4 for error in errors)
+    rows = sessions if row_bytes * sessions <= room else max(1, room // row_bytes)
+    parts = [_part(frame_id, outcome, errors, first, first + rows) for first in range(0, sessions, rows)]
+    parts[-1].more = False
+    return parts
+
+
+def _part(
+    frame_id: str, outcome: FrameOutcome, errors: list[pb.FrameError], first: int, last: int
+) -> pb.FrameResult:
+    """Sessions `first` to `last` (exclusive) of the outcome, with their errors (indexed in the frame)."""
+    whole = first == 0 and last >= len(outcome.session_ids)
     result = pb.FrameResult(
         frame_id=frame_id,
-        session_ids=outcome.session_ids,
-        steps=outcome.steps,
-        ended=outcome.ended,
-        replayed=outcome.replayed,
+        session_ids=outcome.session_ids if whole else outcome.session_ids[first:last],
+        steps=outcome.steps if whole else outcome.steps[first:last],
+        ended=outcome.ended if whole else outcome.ended[first:last],
+        replayed=outcome.replayed if whole else outcome.replayed[first:last],
+        errors=errors if whole else [error for error in errors if first <= error.index < last],
+        first_index=first,
+        more=True,
     )
-    for index, error in sorted(outcome.errors.items()):
-        code, message = status_for(error)
-        result.errors.append(pb.FrameError(index=index, code=code.value[0], message=message))
+    outputs = outcome.outputs[first:last]
     result.outputs.dtype = pb.DTYPE_FLOAT32
-    result.outputs.shape[:] = outcome.outputs.shape
-    result.outputs.data = outcome.outputs.astype("<f4", copy=False).tobytes()
+    result.outputs.shape[:] = outputs.shape
+    result.outputs.data = outputs.astype("<f4", copy=False).tobytes()
     return result
+
+
+def _part_headroom(frame_id: str) -> int:
+    """Bytes of a FrameResponse besides its sessions' rows and errors: the id, the outputs' shape and dtype,
+    the part's index and flags, the fields' tags and lengths (a generous bound)."""
+    return len(frame_id) + 256

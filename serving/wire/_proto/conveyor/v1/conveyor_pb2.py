@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63onveyor/v1/conveyor.proto\x12\x0b\x63onveyor.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.conveyor.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xd2\x01\n\x0c\x43hunkRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05start\x18\x04 \x01(\x08\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12\r\n\x05reset\x18\x06 \x01(\x08\x12\x10\n\x08snapshot\x18\x07 \x01(\x0c\x12(\n\x07outputs\x18\x08 \x01(\x0e\x32\x17.conveyor.v1.OutputMode\x12\x12\n\nrequest_id\x18\t \x01(\t\"\x9d\x01\n\rChunkResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12$\n\x07outputs\x18\x05 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\r\n\x05\x65nded\x18\x06 \x01(\x08\x12\x10\n\x08replayed\x18\x07 \x01(\x08\"S\n\nChunkError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"Y\n\x0cSessionEnded\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.EndReason\x12\r\n\x05steps\x18\x03 \x01(\x03\"\xa3\x01\n\x0eStreamResponse\x12+\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1a.conveyor.v1.ChunkResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.ChunkErrorH\x00\x12\x32\n\rsession_ended\x18\x03 \x01(\x0b\x32\x19.conveyor.v1.SessionEndedH\x00\x42\x06\n\x04kind\"\xcc\x01\n\x05\x46rame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12#\n\x06inputs\x18\x03 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\x0f\n\x07offsets\x18\x04 \x03(\x03\x12\r\n\x05start\x18\x05 \x03(\x08\x12\x0b\n\x03\x65nd\x18\x06 \x03(\x08\x12\r\n\x05reset\x18\x07 \x03(\x08\x12(\n\x07outputs\x18\x08 \x01(\x0e\x32\x17.conveyor.v1.OutputMode\x12\x11\n\tsnapshots\x18\t \x03(\x0c\":\n\nFrameError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xb3\x01\n\x0b\x46rameResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12$\n\x07outputs\x18\x03 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\r\n\x05steps\x18\x04 \x03(\x03\x12\r\n\x05\x65nded\x18\x05 \x03(\x08\x12\x10\n\x08replayed\x18\x06 \x03(\x08\x12\'\n\x06\x65rrors\x18\x07 \x03(\x0b\x32\x17.conveyor.v1.FrameError\"\xa1\x01\n\rFrameResponse\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.FrameResultH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.ChunkErrorH\x00\x12\x32\n\rsession_ended\x18\x03 \x01(\x0b\x32\x19.conveyor.v1.SessionEndedH\x00\x42\x06\n\x04kind\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x12\x45ndSessionResponse\x12\r\n\x05steps\x18\x01 \x01(\x03\"%\n\x0fSnapshotRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"3\n\x10SnapshotResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x0c\x12\r\n\x05steps\x18\x02 \x01(\x03\"\x12\n\x10ModelInfoRequest\"\xc4\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x12\n\ninput_kind\x18\x03 \x01(\t\x12\x12\n\ninput_size\x18\x04 \x01(\x03\x12\x13\n\x0boutput_size\x18\x05 \x01(\x03\x12\x16\n\x0eoutput_meaning\x18\x06 \x01(\t\x12\x15\n\routput_labels\x18\x07 \x03(\t\x12\x12\n\nvocabulary\x18\x08 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12\x0e\n\x06layers\x18\n \x01(\x03\x12\x0e\n\x06hidden\x18\x0b \x01(\x03\x12\x17\n\x0fmax_chunk_steps\x18\x0c \x01(\x03\x12\x12\n\nidle_ttl_s\x18\r \x01(\x01\x12\x0c\n\x04\x63\x65ll\x18\x0e \x01(\t\x12+\n\x05state\x18\x0f \x03(\x0b\x32\x1c.conveyor.v1.StateTensorInfo\".\n\x0fStateTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT64\x10\x02*7\n\nOutputMode\x12\x13\n\x0fOUTPUT_MODE_ALL\x10\x00\x12\x14\n\x10OUTPUT_MODE_LAST\x10\x01*\x9a\x01\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45ND_REASON_END\x10\x01\x12\x12\n\x0e\x45ND_REASON_TTL\x10\x02\x12\x17\n\x13\x45ND_REASON_LIFETIME\x10\x03\x12\x17\n\x13\x45ND_REASON_CAPACITY\x10\x04\x12\x17\n\x13\x45ND_REASON_SHUTDOWN\x10\x05\x32\xac\x03\n\x08\x43onveyor\x12\x44\n\x06Stream\x12\x19.conveyor.v1.ChunkRequest\x1a\x1b.conveyor.v1.StreamResponse(\x01\x30\x01\x12=\n\x04Step\x12\x19.conveyor.v1.ChunkRequest\x1a\x1a.conveyor.v1.ChunkResponse\x12M\n\nEndSession\x12\x1e.conveyor.v1.EndSessionRequest\x1a\x1f.conveyor.v1.EndSessionResponse\x12G\n\x08Snapshot\x12\x1c.conveyor.v1.SnapshotRequest\x1a\x1d.conveyor.v1.SnapshotResponse\x12\x45\n\x0cGetModelInfo\x12\x1d.conveyor.v1.ModelInfoRequest\x1a\x16.conveyor.v1.ModelInfo\x12<\n\x06\x46rames\x12\x12.conveyor.v1.Frame\x1a\x1a.conveyor.v1.FrameResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63onveyor/v1/conveyor.proto\x12\x0b\x63onveyor.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.conveyor.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xd2\x01\n\x0c\x43hunkRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05start\x18\x04 \x01(\x08\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12\r\n\x05reset\x18\x06 \x01(\x08\x12\x10\n\x08snapshot\x18\x07 \x01(\x0c\x12(\n\x07outputs\x18\x08 \x01(\x0e\x32\x17.conveyor.v1.OutputMode\x12\x12\n\nrequest_id\x18\t \x01(\t\"\x9d\x01\n\rChunkResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12$\n\x07outputs\x18\x05 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\r\n\x05\x65nded\x18\x06 \x01(\x08\x12\x10\n\x08replayed\x18\x07 \x01(\x08\"S\n\nChunkError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"Y\n\x0cSessionEnded\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.EndReason\x12\r\n\x05steps\x18\x03 \x01(\x03\"\xa3\x01\n\x0eStreamResponse\x12+\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1a.conveyor.v1.ChunkResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.ChunkErrorH\x00\x12\x32\n\rsession_ended\x18\x03 \x01(\x0b\x32\x19.conveyor.v1.SessionEndedH\x00\x42\x06\n\x04kind\"\xe6\x01\n\x05\x46rame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12#\n\x06inputs\x18\x03 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\x0f\n\x07offsets\x18\x04 \x03(\x03\x12\r\n\x05start\x18\x05 \x03(\x08\x12\x0b\n\x03\x65nd\x18\x06 \x03(\x08\x12\r\n\x05reset\x18\x07 \x03(\x08\x12(\n\x07outputs\x18\x08 \x01(\x0e\x32\x17.conveyor.v1.OutputMode\x12\x11\n\tsnapshots\x18\t \x03(\x0c\x12\x18\n\x10max_result_bytes\x18\n \x01(\x03\":\n\nFrameError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xd6\x01\n\x0b\x46rameResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12$\n\x07outputs\x18\x03 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\r\n\x05steps\x18\x04 \x03(\x03\x12\r\n\x05\x65nded\x18\x05 \x03(\x08\x12\x10\n\x08replayed\x18\x06 \x03(\x08\x12\'\n\x06\x65rrors\x18\x07 \x03(\x0b\x32\x17.conveyor.v1.FrameError\x12\x13\n\x0b\x66irst_index\x18\x08 \x01(\x05\x12\x0c\n\x04more\x18\t \x01(\x08\"\xa1\x01\n\rFrameResponse\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.FrameResultH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.ChunkErrorH\x00\x12\x32\n\rsession_ended\x18\x03 \x01(\x0b\x32\x19.conveyor.v1.SessionEndedH\x00\x42\x06\n\x04kind\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x12\x45ndSessionResponse\x12\r\n\x05steps\x18\x01 \x01(\x03\"%\n\x0fSnapshotRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"3\n\x10SnapshotResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x0c\x12\r\n\x05steps\x18\x02 \x01(\x03\"\x12\n\x10ModelInfoRequest\"\xc4\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x12\n\ninput_kind\x18\x03 \x01(\t\x12\x12\n\ninput_size\x18\x04 \x01(\x03\x12\x13\n\x0boutput_size\x18\x05 \x01(\x03\x12\x16\n\x0eoutput_meaning\x18\x06 \x01(\t\x12\x15\n\routput_labels\x18\x07 \x03(\t\x12\x12\n\nvocabulary\x18\x08 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12\x0e\n\x06layers\x18\n \x01(\x03\x12\x0e\n\x06hidden\x18\x0b \x01(\x03\x12\x17\n\x0fmax_chunk_steps\x18\x0c \x01(\x03\x12\x12\n\nidle_ttl_s\x18\r \x01(\x01\x12\x0c\n\x04\x63\x65ll\x18\x0e \x01(\t\x12+\n\x05state\x18\x0f \x03(\x0b\x32\x1c.conveyor.v1.StateTensorInfo\".\n\x0fStateTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT64\x10\x02*7\n\nOutputMode\x12\x13\n\x0fOUTPUT_MODE_ALL\x10\x00\x12\x14\n\x10OUTPUT_MODE_LAST\x10\x01*\x9a\x01\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45ND_REASON_END\x10\x01\x12\x12\n\x0e\x45ND_REASON_TTL\x10\x02\x12\x17\n\x13\x45ND_REASON_LIFETIME\x10\x03\x12\x17\n\x13\x45ND_REASON_CAPACITY\x10\x04\x12\x17\n\x13\x45ND_REASON_SHUTDOWN\x10\x05\x32\xac\x03\n\x08\x43onveyor\x12\x44\n\x06Stream\x12\x19.conveyor.v1.ChunkRequest\x1a\x1b.conveyor.v1.StreamResponse(\x01\x30\x01\x12=\n\x04Step\x12\x19.conveyor.v1.ChunkRequest\x1a\x1a.conveyor.v1.ChunkResponse\x12M\n\nEndSession\x12\x1e.conveyor.v1.EndSessionRequest\x1a\x1f.conveyor.v1.EndSessionResponse\x12G\n\x08Snapshot\x12\x1c.conveyor.v1.SnapshotRequest\x1a\x1d.conveyor.v1.SnapshotResponse\x12\x45\n\x0cGetModelInfo\x12\x1d.conveyor.v1.ModelInfoRequest\x1a\x16.conveyor.v1.ModelInfo\x12<\n\x06\x46rames\x12\x12.conveyor.v1.Frame\x1a\x1a.conveyor.v1.FrameResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.conveyor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2010
-  _globals['_DTYPE']._serialized_end=2076
-  _globals['_OUTPUTMODE']._serialized_start=2078
-  _globals['_OUTPUTMODE']._serialized_end=2133
-  _globals['_ENDREASON']._serialized_start=2136
-  _globals['_ENDREASON']._serialized_end=2290
+  _globals['_DTYPE']._serialized_start=2071
+  _globals['_DTYPE']._serialized_end=2137
+  _globals['_OUTPUTMODE']._serialized_start=2139
+  _globals['_OUTPUTMODE']._serialized_end=2194
+  _globals['_ENDREASON']._serialized_start=2197
+  _globals['_ENDREASON']._serialized_end=2351
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=115
   _globals['_CHUNKREQUEST']._serialized_start=118
@@ -50,27 +50,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMRESPONSE']._serialized_start=667
   _globals['_STREAMRESPONSE']._serialized_end=830
   _globals['_FRAME']._serialized_start=833
-  _globals['_FRAME']._serialized_end=1037
-  _globals['_FRAMEERROR']._serialized_start=1039
-  _globals['_FRAMEERROR']._serialized_end=1097
-  _globals['_FRAMERESULT']._serialized_start=1100
-  _globals['_FRAMERESULT']._serialized_end=1279
-  _globals['_FRAMERESPONSE']._serialized_start=1282
-  _globals['_FRAMERESPONSE']._serialized_end=1443
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1445
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1484
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1486
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1521
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1523
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1560
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=1562
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=1613
-  _globals['_MODELINFOREQUEST']._serialized_start=1615
-  _globals['_MODELINFOREQUEST']._serialized_end=1633
-  _globals['_MODELINFO']._serialized_start=1636
-  _globals['_MODELINFO']._serialized_end=1960
-  _globals['_STATETENSORINFO']._serialized_start=1962
-  _globals['_STATETENSORINFO']._serialized_end=2008
-  _globals['_CONVEYOR']._serialized_start=2293
-  _globals['_CONVEYOR']._serialized_end=2721
+  _globals['_FRAME']._serialized_end=1063
+  _globals['_FRAMEERROR']._serialized_start=1065
+  _globals['_FRAMEERROR']._serialized_end=1123
+  _globals['_FRAMERESULT']._serialized_start=1126
+  _globals['_FRAMERESULT']._serialized_end=1340
+  _globals['_FRAMERESPONSE']._serialized_start=1343
+  _globals['_FRAMERESPONSE']._serialized_end=1504
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1506
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1545
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1547
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1582
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1584
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1621
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=1623
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=1674
+  _globals['_MODELINFOREQUEST']._serialized_start=1676
+  _globals['_MODELINFOREQUEST']._serialized_end=1694
+  _globals['_MODELINFO']._serialized_start=1697
+  _globals['_MODELINFO']._serialized_end=2021
+  _globals['_STATETENSORINFO']._serialized_start=2023
+  _globals['_STATETENSORINFO']._serialized_end=2069
+  _globals['_CONVEYOR']._serialized_start=2354
+  _globals['_CONVEYOR']._serialized_end=2782
 # @@protoc_insertion_point(module_scope)

@@ -371,10 +371,16 @@ class Frame(_message.Message):
     RESET_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     SNAPSHOTS_FIELD_NUMBER: _builtins.int
+    MAX_RESULT_BYTES_FIELD_NUMBER: _builtins.int
     frame_id: _builtins.str
     """Opaque client correlation id, echoed in the FrameResult."""
     outputs: Global___OutputMode.ValueType
     """Which timesteps' outputs to return, for every session."""
+    max_result_bytes: _builtins.int
+    """The largest FrameResponse this client accepts, in bytes: its gRPC receive limit
+    (grpc.max_receive_message_length). 0: 4 MiB, gRPC's default. A frame whose results would be larger is
+    answered in several FrameResults, each under the limit (see FrameResult.first_index and .more).
+    """
     @_builtins.property
     def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The sessions, each at most once per frame. An empty id together with start asks for a server-issued id."""
@@ -413,10 +419,11 @@ class Frame(_message.Message):
         reset: _abc.Iterable[_builtins.bool] | None = ...,
         outputs: Global___OutputMode.ValueType = ...,
         snapshots: _abc.Iterable[_builtins.bytes] | None = ...,
+        max_result_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame_id", b"frame_id", "inputs", b"inputs", "offsets", b"offsets", "outputs", b"outputs", "reset", b"reset", "session_ids", b"session_ids", "snapshots", b"snapshots", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame_id", b"frame_id", "inputs", b"inputs", "max_result_bytes", b"max_result_bytes", "offsets", b"offsets", "outputs", b"outputs", "reset", b"reset", "session_ids", b"session_ids", "snapshots", b"snapshots", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -465,8 +472,16 @@ class FrameResult(_message.Message):
     ENDED_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
+    FIRST_INDEX_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     frame_id: _builtins.str
     """The frame's frame_id, echoed."""
+    first_index: _builtins.int
+    """A frame's results may come in parts, consecutive sessions each, in the frame's order: first_index is the
+    position in the frame of this part's first session (its columns hold the sessions first_index onwards;
+    FrameError.index still counts from the frame's start), and more is true on every part but the last.
+    """
+    more: _builtins.bool
     @_builtins.property
     def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The session ids (server-issued where the frame's was empty)."""
@@ -501,10 +516,12 @@ class FrameResult(_message.Message):
         ended: _abc.Iterable[_builtins.bool] | None = ...,
         replayed: _abc.Iterable[_builtins.bool] | None = ...,
         errors: _abc.Iterable[Global___FrameError] | None = ...,
+        first_index: _builtins.int = ...,
+        more: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "errors", b"errors", "frame_id", b"frame_id", "outputs", b"outputs", "replayed", b"replayed", "session_ids", b"session_ids", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "errors", b"errors", "first_index", b"first_index", "frame_id", b"frame_id", "more", b"more", "outputs", b"outputs", "replayed", b"replayed", "session_ids", b"session_ids", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
