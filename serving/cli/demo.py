@@ -4,8 +4,10 @@ It starts a server in this process on free ports, then streams one session over 
 connection, so that the only thing linking "france" to the prediction after "fluent" is the cell state the
 server carried between calls. A fresh session then asks the same last question without that memory. Then the
 same calls through a served plain RNN, which carries the country over a short gap (asked right after
-"france") but loses it over the story's long one: the two models' p(french) side by side. Last, a latency
-summary read from the LSTM server's /metrics, and a clean shutdown.
+"france") but loses it over the story's long one: the two models' p(french) side by side. One story is one
+draw, so both models then answer many held-out sentences at both gaps, streamed through their servers
+(`serving.cli.demo_contrast`): the accuracies the claim rests on. Last, a latency summary read from the LSTM
+server's /metrics, and a clean shutdown.
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ from typing import TextIO
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from serving.cli.demo_contrast import (
+    CONNECTIONS,
+    MAX_CHUNK_WORDS,
+    SENTENCES,
+    GapAccuracy,
+    Sentence,
+    held_out_sentences,
+    streamed_accuracy,
+)
 from serving.cli.demo_models import LSTM_RECIPE, RNN_RECIPE, DemoModelError, ensure_model
 from serving.cli.stream import StreamError, encode_text, top_k
 from serving.client import ConveyorClient, ConveyorError, ModelInfo, Outputs
@@ -56,6 +67,7 @@ class DemoOptions:
     model: str = "language"
     rnn_model: str = "language-rnn"  # the plain RNN, trained at short gaps (RNN_TRAINING) when missing
     train_max_steps: int | None = None  # None: the training defaults (minutes); tests pass a few steps
+    sentences: int = SENTENCES  # held-out sentences per gap and model in the measured contrast
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,8 @@ class DemoResult:
     latency: Latency
     short_gap: Prediction  # the LSTM, asked right after the opening
     rnn: Answers  # the same questions to a plain RNN
+    accuracy: dict[str, GapAccuracy]  # "lstm", "rnn": over `sentences` held-out sentences per gap
+    sentences: int
 
 
 def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoResult:
@@ -113,13 +127,30 @@ def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoResult:
         remembered, fresh, session_id = _tell_story(target, info, out)
         short_gap = _ask_at_a_short_gap(target, info, remembered.word)
         latency = read_latency(metrics_url)
+        questions = _questions(info, options.sentences)
+        accuracy = {"lstm": _measure(target, questions)}
     with _serving(rnn_dir) as (target, _):
         rnn = _ask_the_rnn(target, remembered.word, out)
+        accuracy["rnn"] = _measure(target, questions)
     lstm = Answers(remembered, short_gap)
     _print_side_by_side(lstm, rnn, fresh, out)
+    _print_accuracy(accuracy, options.sentences, out)
     _print_latency(latency, out)
     print("servers stopped", file=out)
-    return DemoResult(session_id, CALLS, remembered, fresh, latency, short_gap, rnn)
+    return DemoResult(
+        session_id, CALLS, remembered, fresh, latency, short_gap, rnn, accuracy, options.sentences
+    )
+
+
+def _questions(info: ModelInfo, sentences: int) -> tuple[list[Sentence], list[Sentence]]:
+    """Held-out sentences with the story's gap, and with the short question's."""
+    long_filler, short_filler = LONG_GAP_WORDS - SHORT_GAP_WORDS, 0
+    return held_out_sentences(info, long_filler, sentences), held_out_sentences(info, short_filler, sentences)
+
+
+def _measure(target: str, questions: tuple[list[Sentence], list[Sentence]]) -> GapAccuracy:
+    long_gap, short_gap = questions
+    return GapAccuracy(streamed_accuracy(target, long_gap), streamed_accuracy(target, short_gap))
 
 
 @contextmanager
@@ -225,6 +256,17 @@ def _print_side_by_side(lstm: Answers, rnn: Answers, fresh: Prediction, out: Tex
     for label, left, right in rows:
         print(f"  {label:<48} {left.probability_of_answer:.3f}   {right.probability_of_answer:.3f}", file=out)
     print(f"  {'never told (a fresh session)':<48} {fresh.probability_of_answer:.3f}", file=out)
+
+
+def _print_accuracy(accuracy: dict[str, GapAccuracy], sentences: int, out: TextIO) -> None:
+    lstm, rnn = accuracy["lstm"], accuracy["rnn"]
+    how = f"each a session streamed in chunks of 1-{MAX_CHUNK_WORDS} words over {CONNECTIONS} connections"
+    print(f"\nlanguage-word accuracy over {sentences} held-out sentences per row,\n{how}:", file=out)
+    print(f"{'(chance: 1 in 40)':<66} LSTM    RNN", file=out)
+    rows = ((LONG_GAP_WORDS, lstm.long_gap, rnn.long_gap), (SHORT_GAP_WORDS, lstm.short_gap, rnn.short_gap))
+    for words, left, right in rows:
+        label = f"the country {words} words back"
+        print(f"  {label:<64} {left:.3f}   {right:.3f}", file=out)
 
 
 def _call(
