@@ -1,5 +1,7 @@
 """The session contract's rules for one chunk: is it a repeat, may it start or continue its session, at what
-offset; and how its result is committed. The engine orders, locks and batches the chunks; this decides each.
+offset; and what its run leaves in the store. The engine orders, locks and batches the chunks, and alone reads
+and writes the sessions; this judges each chunk against its session as the engine found it, and says what
+to write. It never touches the store.
 """
 
 from __future__ import annotations
@@ -14,16 +16,15 @@ from serving.domain.chunks import Chunk, ChunkResult, OutputMode, ServedModel
 from serving.domain.errors import (
     OffsetMismatchError,
     ReplayNotKeptError,
-    ServingError,
     SessionAlreadyExistsError,
     SessionNotFoundError,
-    ShuttingDownError,
 )
 from serving.domain.notices import EndNotices, Watcher
 from serving.domain.quotas import Quotas
-from serving.domain.sessions.lifecycle import Commit, Sessions
+from serving.domain.sessions.lifecycle import Commit, Listener
+from serving.domain.sessions.replays import EndedReplay
 from serving.domain.sessions.snapshots import SnapshotCodec
-from serving.domain.sessions.store import EndReason, Replay, Session, SessionEnd
+from serving.domain.sessions.store import Replay, Session, SessionEnd
 
 Outcome = ChunkResult | Exception  # a chunk's result, or the error of its session alone
 
@@ -60,6 +61,18 @@ class Run(NamedTuple):
     state: np.ndarray
     steps: int
 
+    def commit(self, answer: np.ndarray, state: np.ndarray, replay_max_bytes: int) -> Commit:
+        """What the run leaves in the store: its new state and step count, and its answer for a replay (when
+        no larger than `replay_max_bytes`; its digest always)."""
+        chunk = self.job.chunk
+        replay = Replay(self.job.digest, chunk.offset, answer if kept(answer, replay_max_bytes) else None)
+        return Commit(self.job.key, self.previous, state, self.steps + len(chunk.inputs), replay, chunk.start)
+
+    def result(self, steps: int, answer: np.ndarray) -> ChunkResult:
+        """The chunk's answer once its run is stored, at `steps`."""
+        chunk = self.job.chunk
+        return ChunkResult(self.job.session_id, chunk.offset, steps, answer, chunk.end, False)
+
 
 class Continued(NamedTuple):
     """Chunks, one per session, that continue their sessions (`continues`) and have run, as columns."""
@@ -73,92 +86,57 @@ class Continued(NamedTuple):
 
 
 class Contract:
-    """Judges chunks against their sessions as found, and commits the runs, telling the watchers."""
+    """Judges chunks against their sessions as found, says what their runs leave in the store, and keeps the
+    books of what was stored: quotas, session metrics, and the streams to tell when a session ends."""
 
     def __init__(
         self,
         model: ServedModel,
-        sessions: Sessions,
         metrics: SessionMetrics,
         quotas: Mapping[str, int] | None = None,
     ) -> None:
         self._model = model
-        self._sessions = sessions
         self._metrics = metrics
-        self.snapshots = SnapshotCodec(model.spec.fingerprint, model.spec.state_size)
+        self._snapshots = SnapshotCodec(model.spec.fingerprint, model.spec.state_size)
         self._notices = EndNotices()
         self._quotas = Quotas(quotas or {})
-        self.closed = False  # set once every session has ended at shutdown: nothing more is committed
-        sessions.add_listener(self._notices)
-        sessions.add_listener(self._quotas)
-        sessions.add_listener(self._count_end)
 
-    def decide(self, job: Job, found: Session | None) -> ChunkResult | Run:
+    def listeners(self) -> list[Listener]:
+        """What must hear of every session's end (the engine registers them with its sessions)."""
+        return [self._notices, self._quotas, self._count_end]
+
+    def decide(self, job: Job, found: Session | None, ended: EndedReplay | None) -> ChunkResult | Run:
         """The chunk's cached result (a repeat), or what to run it from, given its session as just found
-        (None: none live); raises a `ServingError` on a contract violation."""
-        return self._start(job, found) if job.chunk.start else self._continue(job, found)
+        (None: none live) and, when none is live, the replay its session left when it ended (None: none
+        kept); raises a `ServingError` on a contract violation."""
+        return self._start(job, found, ended) if job.chunk.start else self._continue(job, found, ended)
 
-    async def commit(
-        self,
-        runs: Sequence[Run],
-        outputs: Sequence[np.ndarray],
-        new_states: Sequence[np.ndarray] | np.ndarray,
-    ) -> list[Outcome]:
-        """Commit each run's `outputs` (as answered: the caller's own copies, kept for a replay) and new state
-        as the successor of its `previous` (None: new), in one store call; each run's result, or the error
-        of its session alone."""
-        if self.closed:  # the grace period ran out: every session has ended
-            return [ShuttingDownError() for _ in runs]
-        commits = [
-            _commit(run, answer, state, self._model.replay_max_bytes)
-            for run, answer, state in zip(runs, outputs, new_states, strict=True)
-        ]
-        stored = await self._sessions.commit_many(commits)
-        outcomes: list[Outcome] = []
-        for run, answer, commit, created in zip(runs, outputs, commits, stored, strict=True):
-            job, chunk = run.job, run.job.chunk
-            if isinstance(created, Exception):
-                outcomes.append(created)
-                continue
-            if created:
-                self._quotas.started(chunk.namespace)
-                self._metrics.session_started()
-            self.watch(job)
-            ended = await self._end(job) if chunk.end else None
-            outcomes.append(
-                ended or ChunkResult(job.session_id, chunk.offset, commit.steps, answer, chunk.end, False)
-            )
-        return outcomes
+    def stored(self, job: Job, created: bool) -> None:
+        """The job's run is in the store (`created`: as a new session)."""
+        if created:
+            self._quotas.started(job.chunk.namespace)
+            self._metrics.session_started()
+        self.watch(job)
 
-    async def commit_continued(
-        self, continued: Continued, new_states: np.ndarray
-    ) -> list[ServingError | None]:
-        """Commit chunks that continued their sessions (`continues`: nothing to judge, nothing to tell but
-        the watcher), as columns, in one store call: for each, None when stored, else the error of its
-        session alone."""
-        if self.closed:
-            return [ShuttingDownError() for _ in continued.keys]
-        keep = _kept(continued.answers[0], self._model.replay_max_bytes)  # the rows share a size
+    def replays(self, continued: Continued) -> list[Replay]:
+        """The replays chunks that continued their sessions leave (as columns)."""
+        keep = kept(continued.answers[0], self._model.replay_max_bytes)  # the rows share a size
         rows = zip(continued.found, continued.answers, continued.digests, strict=True)
         # The answer is a row of the frame's: a kept copy holds only its own bytes.
-        replays = [
+        return [
             Replay(digest, found.steps, answer.copy() if keep else None) for found, answer, digest in rows
         ]
-        refused = await self._sessions.advance(
-            continued.keys, continued.found, new_states, continued.time, replays
-        )
+
+    def continued_stored(self, continued: Continued, refused: Sequence[Exception | None]) -> None:
+        """The continued chunks whose writes were not `refused` are in the store: their stream hears of
+        their sessions' ends."""
         if continued.watcher is not None:
             stored = [key for key, error in zip(continued.keys, refused, strict=True) if error is None]
             self._notices.watch(stored, continued.watcher)
-        return refused
 
-    async def _end(self, job: Job) -> ServingError | None:
-        """End the session whose last chunk `job` was (its answer kept for a retry); None, or why not."""
-        try:
-            await self._sessions.end(job.key, EndReason.END, keep_replay=True)
-        except ServingError as error:
-            return error
-        return None
+    def snapshot(self, session: Session) -> bytes:
+        """The session's state and step count as an opaque blob bound to the model."""
+        return self._snapshots.encode(session.state, session.steps)
 
     def watch(self, job: Job) -> None:
         """Tell the job's watcher (its stream) when its session ends."""
@@ -169,7 +147,7 @@ class Contract:
         """Stop telling `watcher` about these sessions (its stream has closed)."""
         self._notices.unwatch(keys, watcher)
 
-    def _start(self, job: Job, existing: Session | None) -> ChunkResult | Run:
+    def _start(self, job: Job, existing: Session | None, ended: EndedReplay | None) -> ChunkResult | Run:
         if existing is not None:
             replayed = self._replayed(job, existing.replay, existing.steps, ended=False)
             if replayed is not None:
@@ -178,19 +156,18 @@ class Contract:
             if not job.chunk.reset:
                 raise SessionAlreadyExistsError(job.session_id, existing.steps)
         else:
-            replayed = self._ended_replayed(job)
+            replayed = self._ended_replayed(job, ended)
             if replayed is not None:  # the chunk that started and ended its session, sent again
                 return replayed
-            self._sessions.check_capacity()
             self._quotas.check(job.chunk.namespace)
-        state, steps = self.snapshots.initial(job.chunk.snapshot)
+        state, steps = self._snapshots.initial(job.chunk.snapshot)
         return _runnable(job, existing, state, steps)
 
-    def _continue(self, job: Job, session: Session | None) -> ChunkResult | Run:
+    def _continue(self, job: Job, session: Session | None, ended: EndedReplay | None) -> ChunkResult | Run:
         if continues(session, job.chunk.offset):
             return Run(job, session, session.state, session.steps)
         if session is None:
-            replayed = self._ended_replayed(job)
+            replayed = self._ended_replayed(job, ended)
             if replayed is None:
                 raise SessionNotFoundError(job.session_id)
             return replayed
@@ -200,10 +177,9 @@ class Contract:
             return replayed
         return _runnable(job, session, session.state, session.steps)
 
-    def _ended_replayed(self, job: Job) -> ChunkResult | None:
+    def _ended_replayed(self, job: Job, ended: EndedReplay | None) -> ChunkResult | None:
         """The answer again to the chunk that ended its session, when `job` repeats it within the replay
         window (a retry after its response was lost); else None."""
-        ended = self._sessions.ended_replay(job.key)
         return None if ended is None else self._replayed(job, ended.replay, ended.steps, ended=True)
 
     def _replayed(self, job: Job, replay: Replay | None, steps: int, *, ended: bool) -> ChunkResult | None:
@@ -232,15 +208,7 @@ def continues(session: Session | None, offset: int) -> TypeGuard[Session]:
     return session is not None and session.steps == offset
 
 
-def _commit(run: Run, answer: np.ndarray, state: np.ndarray, replay_max_bytes: int) -> Commit:
-    """What `run` leaves in the store: its new state and step count, and its answer for a replay (when no
-    larger than `replay_max_bytes`; its digest always)."""
-    job, chunk = run.job, run.job.chunk
-    replay = Replay(job.digest, chunk.offset, answer if _kept(answer, replay_max_bytes) else None)
-    return Commit(job.key, run.previous, state, run.steps + len(chunk.inputs), replay, chunk.start)
-
-
-def _kept(answer: np.ndarray, replay_max_bytes: int) -> bool:
+def kept(answer: np.ndarray, replay_max_bytes: int) -> bool:
     """Whether a replay keeps `answer` itself; a larger one keeps only its digest (a retry of its chunk then
     gets `ReplayNotKeptError`)."""
     return answer.nbytes <= replay_max_bytes

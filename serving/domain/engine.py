@@ -1,12 +1,13 @@
 """The session contract, with no gRPC in it: ids, start/end/reset/restore, offsets, exactly-once retries,
-per-session ordering and shutdown. The servicer translates; this orders, locks and batches the chunks, and
-`serving.domain.contract` decides each.
+per-session ordering and shutdown. The servicer translates; this orders, locks and batches the chunks, and is
+the one reader and writer of the sessions; `serving.domain.contract` judges each chunk against its session as
+found here, and says what its run leaves in the store.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
@@ -35,11 +36,12 @@ from serving.domain.contract import (
     answered,
     continues,
 )
-from serving.domain.errors import ServingError, SessionMovedError, SessionNotFoundError
+from serving.domain.errors import ServingError, SessionMovedError, SessionNotFoundError, ShuttingDownError
 from serving.domain.frames import Frame, FrameOutcome, keys_of, refused
 from serving.domain.locks import Admission
 from serving.domain.notices import Watcher
 from serving.domain.sessions.lifecycle import Sessions
+from serving.domain.sessions.replays import EndedReplay
 from serving.domain.sessions.store import EndReason, Session
 
 _T = TypeVar("_T")
@@ -60,8 +62,11 @@ class Engine:
         self._sessions = sessions
         self._batcher = batcher
         self._metrics = metrics
-        self._contract = Contract(model, sessions, metrics, quotas)
+        self._contract = Contract(model, metrics, quotas)
+        for listener in self._contract.listeners():
+            sessions.add_listener(listener)
         self._admission = Admission()
+        self._closed = False  # set once every session has ended at shutdown: nothing more is committed
 
     async def step(
         self, chunk: Chunk, watcher: Watcher | None = None, backlog: Backlog | None = None
@@ -109,7 +114,7 @@ class Engine:
         """The session's state as an opaque blob, and its step count."""
         key = session_key(namespace, session_id)
         session = await self._locked(session_id, key, lambda: self._sessions.get(key))
-        return self._contract.snapshots.encode(session.state, session.steps), session.steps
+        return self._contract.snapshot(session), session.steps
 
     def unwatch(self, session_ids: Iterable[str], watcher: Watcher, namespace: str = "") -> None:
         """Stop telling `watcher` about these sessions (its stream has closed)."""
@@ -120,7 +125,7 @@ class Engine:
         unless the store keeps them for the next server."""
         self._sessions.stop_sweeper()
         await self._admission.close(grace_s)
-        self._contract.closed = True
+        self._closed = True
         await self._sessions.shutdown()
 
     def _job(self, chunk: Chunk, watcher: Watcher | None, backlog: Backlog | None = None) -> Job:
@@ -131,15 +136,74 @@ class Engine:
         return Job(session_id, key, chunk, chunk_digest(chunk), watcher, backlog)
 
     async def _apply_or_replay(self, job: Job) -> ChunkResult:
-        judged = self._contract.decide(job, await self._sessions.find(job.key))
+        found = await self._sessions.find(job.key)
+        judged = self._contract.decide(job, found, self._ended(job.key, found))
         if isinstance(judged, ChunkResult):
             return judged
+        self._admit(judged)
         y, new_state = await self._batcher.run(job.chunk.inputs, judged.state, job.backlog)
-        [result] = await self._contract.commit([judged], [answered(job.chunk, y)], [new_state])
+        [result] = await self._commit([judged], [answered(job.chunk, y)], [new_state])
         if isinstance(result, Exception):
             raise result
         self._metrics.chunks_applied(len(job.chunk.inputs))
         return result
+
+    def _ended(self, key: str, found: Session | None) -> EndedReplay | None:
+        """The replay a session that is not live (`found` None) left when it ended, if still kept."""
+        return None if found is not None else self._sessions.ended_replay(key)
+
+    def _admit(self, run: Run) -> None:
+        """`CapacityExceededError` when `run` would create a session and no more fit."""
+        if run.previous is None:
+            self._sessions.check_capacity()
+
+    async def _commit(
+        self,
+        runs: Sequence[Run],
+        outputs: Sequence[np.ndarray],
+        new_states: Sequence[np.ndarray] | np.ndarray,
+    ) -> list[Outcome]:
+        """Store each run's `outputs` (as answered: the caller's own copies, kept for a replay) and new state
+        as the successor of its `previous` (None: new), in one store call, and end the sessions whose last
+        chunk it was; each run's result, or the error of its session alone."""
+        if self._closed:  # the grace period ran out: every session has ended
+            return [ShuttingDownError() for _ in runs]
+        limit = self.model.replay_max_bytes
+        commits = [
+            run.commit(y, state, limit) for run, y, state in zip(runs, outputs, new_states, strict=True)
+        ]
+        stored = await self._sessions.commit_many(commits)
+        outcomes: list[Outcome] = []
+        for run, answer, commit, created in zip(runs, outputs, commits, stored, strict=True):
+            if isinstance(created, Exception):
+                outcomes.append(created)
+                continue
+            self._contract.stored(run.job, created)
+            ended = await self._end_last(run.job) if run.job.chunk.end else None
+            outcomes.append(ended or run.result(commit.steps, answer))
+        return outcomes
+
+    async def _commit_continued(
+        self, continued: Continued, new_states: np.ndarray
+    ) -> list[ServingError | None]:
+        """Store chunks that continued their sessions (`continues`: nothing to judge), as columns, in one
+        store call: for each, None when stored, else the error of its session alone."""
+        if self._closed:
+            return [ShuttingDownError() for _ in continued.keys]
+        replays = self._contract.replays(continued)
+        refused = await self._sessions.advance(
+            continued.keys, continued.found, new_states, continued.time, replays
+        )
+        self._contract.continued_stored(continued, refused)
+        return refused
+
+    async def _end_last(self, job: Job) -> ServingError | None:
+        """End the session whose last chunk `job` was (its answer kept for a retry); None, or why not."""
+        try:
+            await self._sessions.end(job.key, EndReason.END, keep_replay=True)
+        except ServingError as error:
+            return error
+        return None
 
     async def _applied(self, job: Job) -> ChunkResult:
         """`_apply_or_replay`, errors naming the session as the client does (the store knows its key)."""
@@ -167,7 +231,9 @@ class Engine:
                 plan.continued[row] = session
                 continue
             try:
-                judged = self._contract.decide(call.job(row), session)
+                judged = self._contract.decide(call.job(row), session, self._ended(call.keys[row], session))
+                if isinstance(judged, Run):
+                    self._admit(judged)
             except ServingError as error:
                 call.outcome.errors[row] = error
                 continue
@@ -204,7 +270,7 @@ class Engine:
                 continued_digests(x[:split], call.frame.outputs),
                 call.watcher,
             )
-            failed = await self._contract.commit_continued(continued, new_states[:split])
+            failed = await self._commit_continued(continued, new_states[:split])
             applied += failed.count(None)
             await self._answer_continued(call, plan, x.shape[1], failed)
         if plan.runs:
@@ -227,7 +293,7 @@ class Engine:
     ) -> int:
         """Commit the runs of rows judged as chunks and answer them; how many were applied."""
         outputs = [answered(run.job.chunk, y) for run, y in zip(runs.values(), ys, strict=True)]
-        committed = await self._contract.commit(list(runs.values()), outputs, new_states)
+        committed = await self._commit(list(runs.values()), outputs, new_states)
         for (row, run), result in zip(runs.items(), committed, strict=True):
             if not isinstance(result, ChunkResult):
                 result = await self._recommitted(run.job, result)
