@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
 
@@ -25,10 +25,11 @@ from serving.server.translate import (
     check_result_fits,
     chunk_from_pb,
     end_notice,
+    error_to_pb,
     frame_end_notice,
     frame_from_pb,
     frame_results_to_pb,
-    malformed_error,
+    malformed,
     model_info_to_pb,
     result_limit,
     result_to_pb,
@@ -171,8 +172,7 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
                 received = time.perf_counter()
                 if isinstance(request, Malformed):  # answered in band: the stream's other chunks go on
                     await outbox.reserve(0)  # its bytes are gone; its error is a few dozen
-                    self._metrics.chunk_answered(time.perf_counter() - received, "INVALID_ARGUMENT")
-                    outbox.answer(kind.refuse(malformed_error(request)), 0)
+                    outbox.answer(kind.refuse(self._failed(malformed(request), received)), 0)
                     continue
                 cost = chunk_cost(request, *self._chunk_cost_args)
                 await outbox.reserve(cost)
@@ -219,25 +219,16 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
             limit = result_limit(frame)
             check_result_fits(frame, limit, self._engine.model.spec.output_size)
         except InvalidChunkError as exc:
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            self._metrics.chunk_answered(time.perf_counter() - received, code.name)
-            refusal = pb.ChunkError(request_id=frame.frame_id, code=code.value[0], message=str(exc))
-            outbox.answer(pb.FrameResponse(error=refusal), cost)
+            outbox.answer(pb.FrameResponse(error=self._failed(exc, received, frame.frame_id)), cost)
             return
         outcome = await self._engine.step_frame(columns, outbox.watcher)
         parts = frame_results_to_pb(frame.frame_id, outcome, limit)
-        elapsed = time.perf_counter() - received
-        for part in parts:
-            for error in part.errors:
-                self._metrics.chunk_answered(elapsed, BY_NUMBER[error.code].name)
-        self._metrics.chunk_answered(elapsed, chunks=outcome.answered)
+        self._count(received, [error for part in parts for error in part.errors], outcome.answered)
         outbox.touched.update(
             session_id for index, session_id in enumerate(outcome.session_ids) if index not in outcome.errors
         )
-        for part in parts[:-1]:
-            outbox.answer(
-                pb.FrameResponse(result=part), -1
-            )  # the frame's cost is released with its last part
+        for part in parts[:-1]:  # the frame's cost is released with its last part
+            outbox.answer(pb.FrameResponse(result=part), -1)
         outbox.answer(pb.FrameResponse(result=parts[-1]), cost)
 
     async def _answer(
@@ -253,17 +244,28 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         try:
             result = await self._engine.step(chunk_from_pb(request, namespace), watcher, backlog)
         except Exception as exc:
-            code, message = status_for(exc)
-            self._metrics.chunk_answered(time.perf_counter() - received, code.name)
-            return pb.ChunkError(
-                session_id=request.session_id,
-                request_id=request.request_id,
-                code=code.value[0],
-                message=message,
-            )
+            return self._failed(exc, received, request.request_id, request.session_id)
         result_to_pb(result, request.request_id, response)
-        self._metrics.chunk_answered(time.perf_counter() - received)
+        self._count(received, answered=1)
         return None
+
+    def _failed(
+        self, error: Exception, received: float, request_id: str = "", session_id: str = ""
+    ) -> pb.ChunkError:
+        """The message of a chunk (or frame, or unreadable message) that failed, counted as answered."""
+        message = error_to_pb(error, request_id, session_id)
+        self._count(received, [message])
+        return message
+
+    def _count(
+        self, received: float, failed: Sequence[pb.ChunkError | pb.FrameError] = (), answered: int = 0
+    ) -> None:
+        """The one place chunks are counted: each failed one by its code, the `answered` ones together."""
+        elapsed = time.perf_counter() - received
+        for error in failed:
+            self._metrics.chunk_answered(elapsed, BY_NUMBER[error.code].name)
+        if answered:
+            self._metrics.chunk_answered(elapsed, chunks=answered)
 
     async def _namespace(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's tenant ("" without authentication); the call fails UNAUTHENTICATED without a known

@@ -142,10 +142,16 @@ def model_info_to_pb(model: ServedModel) -> pb.ModelInfo:
     )
 
 
-def malformed_error(request: Malformed) -> pb.ChunkError:
-    """The in-band error for a Stream or Frames message that does not parse (no request id to match: none
-    could be read)."""
-    return pb.ChunkError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=request.describe())
+def error_to_pb(error: Exception, request_id: str = "", session_id: str = "") -> pb.ChunkError:
+    """The in-band error message of a chunk, frame or unreadable message that failed with `error`."""
+    code, message = status_for(error)
+    return pb.ChunkError(session_id=session_id, request_id=request_id, code=code.value[0], message=message)
+
+
+def malformed(request: Malformed) -> InvalidChunkError:
+    """The error of a Stream or Frames message that does not parse (no request id to match: none could be
+    read)."""
+    return InvalidChunkError(request.describe())
 
 
 def end_notice(ended: SessionEnd) -> pb.StreamResponse:
