@@ -33,8 +33,8 @@ class TrainOptions:
     """How to train; the task's default model unless `cell` or `hidden_size` override it."""
 
     seed: int = 0
-    # One thread: on two cores shared with other work, two OpenMP threads wait on each other; measured on a
-    # language step under load: 0.075 s with one thread, 1.4-4.3 s with two.
+    # One thread: on a small machine shared with other work, two OpenMP threads wait on each other and a step
+    # takes many times longer (docs/benchmarks.md).
     threads: int = 1
     cell: CellKind | None = None
     hidden_size: int | None = None

@@ -31,11 +31,11 @@ _Computed = tuple[list[RowResult], float]  # each item's rows, and the batch's i
 
 # Where a batch runs. On the runner thread, the event loop keeps reading and answering while ORT runs (it
 # releases the GIL), and a runtime that stalls never stalls the loop. But the hand-off costs two thread
-# wake-ups, one through the loop's self-pipe: about 0.1 ms of CPU on the 2-core bench host, several times
-# what ORT takes for a one-step batch of 64 rows. So a batch predicted to take less than `inline_max_ms` runs
-# on the loop thread itself: the loop is held that long at most, and the hand-off is gone. Predictions come
-# from batches already timed at a similar size; a size not yet timed runs on the thread, so a slow model is
-# never run inline on a guess.
+# wake-ups, one through the loop's self-pipe, which can cost more than ORT takes for a small one-step batch
+# (docs/benchmarks.md has the figures). So a batch predicted to take less than `inline_max_ms` runs on the
+# loop thread itself: the loop is held that long at most, and the hand-off is gone. Predictions come from
+# batches already timed at a similar size; a size not yet timed runs on the thread, so a slow model is never
+# run inline on a guess.
 _WEIGHT = 0.2  # of the newest batch in a running estimate
 
 

@@ -143,8 +143,8 @@ def build_server(
 
 def settle_heap() -> None:
     """Take what start-up allocated (modules, the model, protobuf descriptors: most of the heap, and alive for
-    good) out of the garbage collector's passes. A full collection then walks only what serving allocates:
-    under frames of 128 sessions, p99 went from 31-39 to 15-17 ms. For a process that serves, after it has
+    good) out of the garbage collector's passes. A full collection then walks only what serving allocates,
+    which halves the tail latency under frames (docs/benchmarks.md). For a process that serves, after it has
     started (a test process that starts many servers would keep their garbage)."""
     gc.collect()
     gc.freeze()

@@ -30,11 +30,10 @@ class ServerConfig:
     metrics_port: int = 9464  # Prometheus /metrics over HTTP
     max_batch_size: int = 64  # sessions per runner call; 1 disables cross-session batching
     max_delay_ms: float = 0.0  # extra wait for a batch to fill; 0 batches only what is already waiting
-    # Batches predicted to take less run on the event loop's thread, saving a thread hand-off (about 0.1 ms
-    # of CPU, and the two threads' turns at the GIL) while holding the loop that long at most. On the 2-core
-    # bench host 2 ms rather than 0.5 gave one stream of 64 sessions 10-20% more timesteps/s and frames of 256
-    # sessions (a 1.4 ms batch) ~10%, other rows unchanged (alternated runs). 0 runs every batch on the runner
-    # thread, so even a runtime that hangs cannot hold up the loop.
+    # Batches predicted to take less run on the event loop's thread, saving a thread hand-off (two wake-ups,
+    # and the two threads' turns at the GIL) while holding the loop that long at most; the default is the
+    # value measured best in docs/benchmarks.md. 0 runs every batch on the runner thread, so even a runtime
+    # that hangs cannot hold up the loop.
     inline_batch_max_ms: float = 2.0
     max_chunk_steps: int = 1024  # longest accepted chunk, in timesteps
     idle_ttl_s: float = 600.0  # a session unused this long expires

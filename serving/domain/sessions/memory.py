@@ -14,8 +14,8 @@ import numpy as np
 from serving.domain.sessions.slab import StateSlab
 from serving.domain.sessions.store import Cutoffs, Expired, HeldBytes, Replay, Session, Successors
 
-# Sessions `expire` looks at before it yields: 1-4 ms on the bench host, where a whole pass over 100k
-# sessions takes 40-160 ms (160 when it drops their replays).
+# Sessions `expire` looks at before it yields: a slice holds the event loop a few milliseconds, where a
+# whole pass over 100k sessions would hold it for tens (docs/benchmarks.md).
 SWEEP_SLICE = 2000
 
 

@@ -14,7 +14,7 @@ PAGE_BITS = 10
 PAGE_ROWS = 1 << PAGE_BITS
 _ROW_MASK = PAGE_ROWS - 1
 # Fewer rows are stored one by one: below it, the index arrays of a bulk copy cost more than they save
-# (measured: one by one is 2x cheaper at 8 rows, bulk 1.6x at 64).
+# (the crossover measured in docs/benchmarks.md).
 _FEW_ROWS = 24
 
 
