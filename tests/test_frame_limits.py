@@ -39,7 +39,8 @@ def _inputs(artifact: Path) -> np.ndarray:
 def _frame(x: np.ndarray, prefix: str, offsets: list[int] | None = None) -> pb.Frame:
     """Every session of `x` starting, with `offsets` (default 0)."""
     offsets = offsets or [0] * len(x)
-    rows = [chunk(f"{prefix}{i}", row, offset, start=True) for i, (row, offset) in enumerate(zip(x, offsets))]
+    pairs = enumerate(zip(x, offsets, strict=True))
+    rows = [chunk(f"{prefix}{i}", row, offset, start=True) for i, (row, offset) in pairs]
     return pack(rows, prefix)
 
 
