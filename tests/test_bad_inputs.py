@@ -1,6 +1,6 @@
-"""The bad-input table (README): each class of client mistake, sent to a real server over a real channel, gets
-its status code and a message that says what was wrong; the session it names is left exactly as it was (its
-snapshot is the same, byte for byte), and the server stays SERVING."""
+"""The bad-input table (docs/protocol.md): each class of client mistake, sent to a real server over a real
+channel, gets its status code and a message that says what was wrong; the session it names is left exactly as
+it was (its snapshot is the same, byte for byte), and the server stays SERVING."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The bad requests a soak mixes in, each with the status code the contract gives it (the README's bad-input
-table). They are sent in turn, so a run of any length covers them all about equally."""
+"""The bad requests a soak mixes in, each with the status code the contract gives it (the bad-input table of
+docs/protocol.md). They are sent in turn, so a run of any length covers them all about equally."""
 
 from __future__ import annotations
 
