@@ -7,6 +7,10 @@ Format 2 names the graph's tensors and declares the recurrent state: one entry p
 input (the state before the chunk) paired with a graph output (the state after it), its shape with the batch
 axis written "batch", its dtype and its initial value. Format 1 cards (no names, no `state`) describe the
 LSTM pair x, h0, c0 -> y, hn, cn of shape [layers, batch, hidden], and are read as that.
+
+Three optional fields describe graphs exported elsewhere (silero VAD): `time_axis` false for a graph that
+takes one step per run (x [batch, ...], y [batch, outputs]), `framing` for one that takes fixed windows of a
+sample stream (`modelcard.framing`), and `constants`, inputs fed the same value on every run (silero's `sr`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from modelcard.framing import Framing
 
 ONNX_FILE = "model.onnx"
 CARD_FILE = "model.json"
@@ -98,6 +106,49 @@ def recurrent_states(names: tuple[str, ...], layers: int, hidden: int) -> tuple[
     return tuple(StateTensor(name, f"{name}0", f"{name}n", (layers, None, hidden)) for name in names)
 
 
+CONSTANT_DTYPES = ("int64", "float32")
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A graph input fed `values` (in C order, of `shape`) on every run: a setting, not a sequence."""
+
+    name: str
+    dtype: str  # one of CONSTANT_DTYPES
+    shape: tuple[int, ...]
+    values: tuple[int | float, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in CONSTANT_DTYPES:
+            raise ValueError(f"constant {self.name!r}: dtype {self.dtype!r} is not one of {CONSTANT_DTYPES}")
+        if math.prod(self.shape) != len(self.values):
+            raise ValueError(
+                f"constant {self.name!r}: {len(self.values)} values for shape {list(self.shape)}"
+            )
+
+    def array(self) -> np.ndarray:
+        """The value as the graph takes it."""
+        return np.array(self.values, np.dtype(self.dtype)).reshape(self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card's entry."""
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "values": list(self.values),
+        }
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> Constant:
+        """The constant a card's entry describes; `KeyError`/`TypeError`/`ValueError` when malformed."""
+        kind = int if entry["dtype"] == "int64" else float
+        values = tuple(kind(value) for value in entry["values"])
+        return cls(
+            str(entry["name"]), str(entry["dtype"]), tuple(_size(size) for size in entry["shape"]), values
+        )
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """The graph input `name`: kind "tokens" (int64 ids below `size`, [batch, time]) or "features"
@@ -165,11 +216,18 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     exported_at: str
     exporter: dict[str, str]
+    time_axis: bool = True  # False: x [batch, ...] and y [batch, outputs], one step per run
+    framing: Framing | None = None
+    constants: tuple[Constant, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """The card as JSON-ready nested dicts and lists."""
+        """The card as JSON-ready nested dicts and lists (optional fields only when they say something)."""
         fields = asdict(self)
         fields["state"] = [tensor.to_dict() for tensor in self.state]
+        fields["constants"] = [constant.to_dict() for constant in self.constants]
+        for name, default in (("time_axis", True), ("framing", None), ("constants", [])):
+            if fields[name] == default:
+                del fields[name]
         return fields
 
     def to_json(self) -> str:
@@ -197,7 +255,7 @@ def states_of_card(card: dict[str, Any]) -> tuple[StateTensor, ...]:
 
 def _size(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"a state size must be an integer or {BATCH!r}, got {value!r}")
+        raise TypeError(f"a size must be an integer (or {BATCH!r} in a state's shape), got {value!r}")
     return value
 
 

@@ -17,6 +17,7 @@ from modelcard.card import ParityCase
 
 TOLERANCE = 1e-5
 _ORT_TYPES = {"tokens": "tensor(int64)", "features": "tensor(float)"}
+_CONSTANT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
 _Expected = dict[str, tuple[str, tuple[int | None, ...]]]  # name -> ORT type, dims (None: dynamic)
 
 
@@ -44,18 +45,32 @@ def open_session(onnx_bytes: bytes) -> ort.InferenceSession:
 
 
 class Graph:
-    """Runs `session` as the model `spec` describes: x and the state tensors in, y and the new state out."""
+    """Runs `session` as the model `spec` describes: x and the state tensors in, y and the new state out.
+
+    x is [batch, time, ...] whether or not the graph has a time axis: one without takes the steps one run
+    each, its state carried from run to run (silero VAD: one window per run)."""
 
     def __init__(self, session: ort.InferenceSession, spec: ModelSpec) -> None:
         self.session = session
         self.spec = spec
         self._outputs = [spec.output_name, *(tensor.output for tensor in spec.states)]
+        self._constants = {constant.name: constant.array() for constant in spec.constants}
 
     def run(self, x: np.ndarray, states: list[np.ndarray]) -> list[np.ndarray]:
-        """[y, *new states] for `x` [batch, time, ...] from `states` (the graph's shapes)."""
-        feeds = {self.spec.input_name: x} | {
-            tensor.input: state for tensor, state in zip(self.spec.states, states, strict=True)
-        }
+        """[y [batch, time, outputs], *new states] for `x` [batch, time, ...] from `states` (the graph's
+        shapes)."""
+        if self.spec.time_axis:
+            return self._run(x, states)
+        ys = []
+        for step in range(x.shape[1]):
+            y, *states = self._run(x[:, step], states)
+            ys.append(y)
+        y = np.stack(ys, axis=1) if ys else np.zeros((len(x), 0, self.spec.output_size), np.float32)
+        return [y, *states]
+
+    def _run(self, x: np.ndarray, states: list[np.ndarray]) -> list[np.ndarray]:
+        feeds = {self.spec.input_name: x} | self._constants
+        feeds |= {tensor.input: state for tensor, state in zip(self.spec.states, states, strict=True)}
         results: list[np.ndarray] = self.session.run(self._outputs, feeds)
         return results
 
@@ -67,14 +82,29 @@ class Graph:
             ys.append(y)
         return [np.concatenate(ys, axis=1), *states]
 
+    def run_framed(self, samples: np.ndarray, states: list[np.ndarray], cuts: list[int]) -> list[np.ndarray]:
+        """A framed model's `run` on sample streams `samples` [batch, n] sent in chunks cut at `cuts`, each
+        chunk's windows cut from the carry as the server cuts them; [y of every window, *new states]."""
+        framing = self.spec.framing
+        assert framing is not None
+        carry, offset, ys = framing.zeros(len(samples)), 0, []
+        for chunk in np.split(samples, cuts, axis=1):
+            windows, carry = framing.cut(carry, np.full(len(samples), offset), chunk)
+            y, *states = self.run(windows, states)
+            ys.append(y)
+            offset += chunk.shape[1]
+        return [np.concatenate(ys, axis=1), *states]
+
 
 def check_signature(session: ort.InferenceSession, spec: ModelSpec) -> None:
     """`GraphMismatchError` naming the first input or output that is not as `spec` describes it."""
-    x_dims: tuple[int | None, ...] = (None, None)
-    if spec.input_kind == "features":
-        x_dims = (None, None, spec.input_size)
-    expected_inputs: _Expected = {spec.input_name: (_ORT_TYPES[spec.input_kind], x_dims)}
-    expected_outputs: _Expected = {spec.output_name: ("tensor(float)", (None, None, spec.output_size))}
+    steps: tuple[None, ...] = (None, None) if spec.time_axis else (None,)  # batch, and time if it has one
+    expected_inputs: _Expected = {
+        spec.input_name: (_ORT_TYPES[spec.input_kind], steps + spec.graph_input_dims)
+    }
+    expected_outputs: _Expected = {spec.output_name: ("tensor(float)", (*steps, spec.output_size))}
+    for constant in spec.constants:
+        expected_inputs[constant.name] = (_CONSTANT_TYPES[constant.dtype], constant.shape)
     for tensor in spec.states:
         expected_inputs[tensor.input] = expected_outputs[tensor.output] = ("tensor(float)", tensor.shape)
     _check_args("input", session.get_inputs(), expected_inputs)
@@ -137,17 +167,46 @@ def chunking_cases(graph: Graph, x: np.ndarray, label: str, rng: np.random.Gener
     ]
 
 
+def framed_cases(graph: Graph, rng: np.random.Generator) -> list[ParityCase]:
+    """A framed graph's sample streams (batches of 1 and 3, a few windows long) sent in random chunks against
+    whole, from random states, the windows cut as the server cuts them; and one sample per chunk for a single
+    stream."""
+    framing = graph.spec.framing
+    assert framing is not None
+    cases = []
+    for batch in (1, 3):
+        length = 3 * framing.window + framing.context + 7  # windows at several phases, and a part one
+        samples = 0.1 * rng.standard_normal((batch, length), dtype=np.float32)
+        states = random_states(graph.spec, batch, rng)
+        whole = graph.run_framed(samples, states, [])
+        chunkings = [random_cuts(length, rng) for _ in range(3)]
+        if batch == 1:
+            chunkings.append(list(range(1, length)))
+        cases += [
+            compare(
+                f"samples b={batch}: chunks {_sizes(cuts, length)} vs whole",
+                graph.run_framed(samples, states, cuts),
+                whole,
+            )
+            for cuts in chunkings
+        ]
+    return cases
+
+
 def check_streamable(
     graph: Graph, rng: np.random.Generator, tolerance: float = TOLERANCE
 ) -> list[ParityCase]:
     """Random inputs, batches of 1 and 3, run in random chunks and whole; `NotStreamableError` on a miss."""
-    cases = [
-        case
-        for batch, time in ((1, 13), (3, 9))
-        for case in chunking_cases(
-            graph, random_inputs(graph.spec, batch, time, rng), f"random b={batch}", rng
-        )
-    ]
+    if graph.spec.framing is not None:
+        cases = framed_cases(graph, rng)
+    else:
+        cases = [
+            case
+            for batch, time in ((1, 13), (3, 9))
+            for case in chunking_cases(
+                graph, random_inputs(graph.spec, batch, time, rng), f"random b={batch}", rng
+            )
+        ]
     misses = failing(cases, tolerance)
     if misses:
         raise NotStreamableError(misses)
@@ -177,4 +236,7 @@ def random_cuts(length: int, rng: np.random.Generator) -> list[int]:
 
 
 def _sizes(cuts: list[int], length: int) -> str:
-    return "+".join(str(size) for size in np.diff([0, *cuts, length]))
+    sizes = np.diff([0, *cuts, length])
+    if len(sizes) > 8:  # one sample per chunk
+        return f"{len(sizes)} x {int(sizes[0])}" if len(set(sizes.tolist())) == 1 else f"{len(sizes)} chunks"
+    return "+".join(str(size) for size in sizes)

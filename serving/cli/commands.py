@@ -71,9 +71,16 @@ def export(args: argparse.Namespace) -> None:
 
 def card(args: argparse.Namespace) -> None:
     from modelcard.adopt import AdoptError, Described, Naming, adopt
+    from modelcard.framing import Framing
 
     out_dir = args.out or args.onnx.with_suffix("")
-    naming = Naming(args.input, args.output, tuple(args.state))
+    if args.window is None and args.context:
+        raise CommandError("--context goes with --window")
+    try:
+        framing = Framing(args.window, args.context) if args.window else None
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    naming = Naming(args.input, args.output, tuple(args.state), tuple(args.constant), framing)
     labels = tuple(args.labels.split(",")) if args.labels else ()
     described = Described(
         args.name or out_dir.resolve().name, args.task, args.vocabulary_size, args.meaning, labels
@@ -82,9 +89,12 @@ def card(args: argparse.Namespace) -> None:
         written = adopt(args.onnx, out_dir, naming, described)
     states = ", ".join(f"{s.name} {s.input}->{s.output} {s.card_shape}" for s in written.state)
     chunked = written.parity.chunked_vs_whole_max_abs if written.parity else float("nan")
+    extras = "".join(f", {c.name} = {','.join(map(str, c.values))}" for c in written.constants)
+    if written.framing is not None:
+        extras += f", windows of {written.framing.window} samples after {written.framing.context}"
     print(
         f"wrote {out_dir}/model.json for {args.onnx}: {written.input.name} {written.input.kind} "
-        f"[{written.input.size}] -> {written.output.name} [{written.output.size}], state {states}; "
+        f"[{written.input.size}] -> {written.output.name} [{written.output.size}], state {states}{extras}; "
         f"chunked vs whole {chunked:.1e}. Serve it: conveyor serve --model {out_dir}"
     )
 

@@ -110,6 +110,18 @@ def _add_card(sub: Subparsers) -> None:
     p.add_argument("--state", action="append", type=_pair, default=[], metavar="IN:OUT", help=pair_help)
     p.add_argument("--input", help="the input sequence's name (default: the one input that is not state)")
     p.add_argument("--output", help="the output sequence's name (default: the one output that is not state)")
+    constant_help = "an input fed VALUE on every run, e.g. sr=16000 (repeat; comma-separated for a tensor)"
+    p.add_argument(
+        "--constant", action="append", type=_constant, default=[], metavar="NAME=VALUE", help=constant_help
+    )
+    window_help = "the graph takes windows of a sample stream: SAMPLES new per run (clients send any number)"
+    p.add_argument("--window", type=_positive, help=window_help)
+    p.add_argument(
+        "--context",
+        type=int,
+        default=0,
+        help="with --window: samples of the stream before each window it takes",
+    )
     p.add_argument("--vocabulary-size", type=_positive, help="token models (int64 input): ids are below it")
     p.add_argument("--labels", help="comma-separated names of the outputs")
     p.add_argument("--meaning", default="model outputs", help="what the outputs are, for people")
@@ -122,6 +134,13 @@ def _pair(text: str) -> tuple[str, str]:
     if not state_input or not state_output:
         raise argparse.ArgumentTypeError(f"expected IN:OUT, e.g. h0:hn, got {text!r}")
     return state_input, state_output
+
+
+def _constant(text: str) -> tuple[str, str]:
+    name, _, value = text.partition("=")
+    if not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. sr=16000, got {text!r}")
+    return name, value
 
 
 def _add_experiment(sub: Subparsers) -> None:

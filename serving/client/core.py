@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from serving.wire import pb
+from serving.wire.tensors import decode
 
 # Session-affine routing: a proxy in front of several replicas hashes this header (nginx: `hash
 # $http_x_conveyor_route consistent`), so a session's chunks keep reaching one server. Unary calls carry their
@@ -189,6 +190,9 @@ class ModelInfo:
     idle_ttl_s: float
     cell: str
     state: tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape per session) of each state tensor
+    constants: tuple[tuple[str, tuple[int | float, ...]], ...] = ()  # (name, values) fed on every run
+    window: int = 0  # a framed model: samples per window (a step is a sample); 0 otherwise
+    context: int = 0
 
     @classmethod
     def from_proto(cls, message: pb.ModelInfo) -> ModelInfo:
@@ -197,6 +201,9 @@ class ModelInfo:
         for name in ("output_labels", "vocabulary"):
             values[name] = tuple(values[name])
         values["state"] = tuple((tensor.name, tuple(tensor.shape)) for tensor in message.state)
+        values["constants"] = tuple(
+            (constant.name, tuple(decode(constant.value).ravel().tolist())) for constant in message.constants
+        )
         return cls(**values)
 
     @property

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -122,6 +122,7 @@ def join_parts(parts: list[pb.FrameResult]) -> pb.FrameResult:
         joined.ended.extend(part.ended)
         joined.replayed.extend(part.replayed)
         joined.errors.extend(part.errors)
+        joined.output_steps.extend(part.output_steps)
     joined.outputs.dtype = parts[0].outputs.dtype
     joined.outputs.shape[:] = [len(joined.session_ids), *parts[0].outputs.shape[1:]]
     joined.outputs.data = b"".join(part.outputs.data for part in parts)
@@ -145,9 +146,14 @@ def unpack(frame: pb.Frame, result: pb.FrameResult) -> list[pb.ChunkResponse | C
                 session_id=session_id,
                 offset=frame.offsets[index],
                 steps=result.steps[index],
-                outputs=encode(np.ascontiguousarray(outputs[index])),
+                outputs=encode(np.ascontiguousarray(_own(outputs, result.output_steps, index))),
                 ended=result.ended[index],
                 replayed=result.replayed[index],
             )
         )
     return answers
+
+
+def _own(outputs: np.ndarray, output_steps: Sequence[int], index: int) -> np.ndarray:
+    """Session `index`'s outputs, without the zero rows after its windows (a framed model's frame)."""
+    return outputs[index, : output_steps[index]] if output_steps else outputs[index]

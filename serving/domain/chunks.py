@@ -71,8 +71,20 @@ class ServedModel:
 
     @property
     def state_shape(self) -> tuple[int]:
-        """A session's state: one float32 row holding every state tensor (`modelcard.layout`)."""
-        return (self.spec.state_size,)
+        """A session's state: one float32 row holding every state tensor (`modelcard.layout`) and, framed,
+        the samples it carries (`serving.domain.stepping`)."""
+        return (self.spec.session_size,)
+
+    @property
+    def framed(self) -> bool:
+        """Whether a step is a sample, run in windows of them."""
+        return self.spec.framing is not None
+
+    @property
+    def max_chunk_inputs(self) -> int:
+        """The most steps a chunk holds: `max_chunk_steps`, or (framed) that many windows of samples."""
+        framing = self.spec.framing
+        return self.max_chunk_steps * (framing.window if framing else 1)
 
 
 def session_key(namespace: str, session_id: str) -> str:
@@ -125,9 +137,12 @@ def check_shape(x: np.ndarray, model: ServedModel) -> None:
         wanted = (
             "INT64 token ids of shape [time]" if tokens else f"FLOAT32 of shape [time, {spec.input_size}]"
         )
+        if model.framed:
+            wanted = "FLOAT32 samples of shape [samples, 1]"
         raise InvalidChunkError(f"inputs must be {wanted}, got {x.dtype.name} {list(x.shape)}")
-    if not 1 <= len(x) <= model.max_chunk_steps:
-        raise InvalidChunkError(f"a chunk holds 1 to {model.max_chunk_steps} timesteps, got {len(x)}")
+    if not 1 <= len(x) <= model.max_chunk_inputs:
+        unit = "samples" if model.framed else "timesteps"
+        raise InvalidChunkError(f"a chunk holds 1 to {model.max_chunk_inputs} {unit}, got {len(x)}")
 
 
 def check_values(x: np.ndarray, model: ServedModel) -> None:

@@ -83,6 +83,7 @@ class Continued(NamedTuple):
     answers: np.ndarray  # [rows, time or 1, outputs]: as answered
     digests: list[bytes]
     watcher: Watcher | None
+    counts: np.ndarray | None = None  # a framed model: how many of each row's answers are its own
 
 
 class Contract:
@@ -97,7 +98,7 @@ class Contract:
     ) -> None:
         self._model = model
         self._metrics = metrics
-        self._snapshots = SnapshotCodec(model.spec.fingerprint, model.spec.state_size)
+        self._snapshots = SnapshotCodec(model.spec.fingerprint, model.spec.session_size)
         self._notices = EndNotices()
         self._quotas = Quotas(quotas or {})
 
@@ -120,8 +121,12 @@ class Contract:
 
     def replays(self, continued: Continued) -> list[Replay]:
         """The replays chunks that continued their sessions leave (as columns)."""
-        keep = kept(continued.answers[0], self._model.replay_max_bytes)  # the rows share a size
-        rows = zip(continued.found, continued.answers, continued.digests, strict=True)
+        # The rows share a size (framed: at most it), so one check does for all.
+        keep = kept(continued.answers[0], self._model.replay_max_bytes)
+        answers = list(continued.answers)
+        if continued.counts is not None:
+            answers = [answer[:count] for answer, count in zip(answers, continued.counts, strict=True)]
+        rows = zip(continued.found, answers, continued.digests, strict=True)
         # The answer is a row of the frame's: a kept copy holds only its own bytes.
         return [
             Replay(digest, found.steps, answer.copy() if keep else None) for found, answer, digest in rows

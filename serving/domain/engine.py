@@ -43,6 +43,7 @@ from serving.domain.notices import Watcher
 from serving.domain.sessions.lifecycle import Sessions
 from serving.domain.sessions.replays import EndedReplay
 from serving.domain.sessions.store import EndReason, Session
+from serving.domain.stepping import BlockResult, Stepper
 
 _T = TypeVar("_T")
 
@@ -60,7 +61,7 @@ class Engine:
     ) -> None:
         self.model = model
         self._sessions = sessions
-        self._batcher = batcher
+        self._stepper = Stepper(batcher, model.spec)
         self._metrics = metrics
         self._contract = Contract(model, metrics, quotas)
         for listener in self._contract.listeners():
@@ -90,7 +91,8 @@ class Engine:
         and committed in one store call each, and a session continuing at its step count answered without an
         object of its own."""
         self._admission.check_open()
-        outcome = FrameOutcome.pending(frame, self.model.spec.output_size)
+        outputs = self._stepper.most_outputs(frame.inputs.shape[1])
+        outcome = FrameOutcome.pending(frame, self.model.spec.output_size, outputs, self.model.framed)
         keys = keys_of(frame, outcome)
         outcome.errors.update(refused(frame, keys, self.model))
         rows = [row for row in range(len(keys)) if row not in outcome.errors]
@@ -141,7 +143,7 @@ class Engine:
         if isinstance(judged, ChunkResult):
             return judged
         self._admit(judged)
-        y, new_state = await self._batcher.run(job.chunk.inputs, judged.state, job.backlog)
+        y, new_state = await self._stepper.run(job.chunk.inputs, judged.state, judged.steps, job.backlog)
         [result] = await self._commit([judged], [answered(job.chunk, y)], [new_state])
         if isinstance(result, Exception):
             raise result
@@ -251,14 +253,17 @@ class Engine:
         x = inputs if len(plan.continued) == len(inputs) else inputs[rows]
         states = [session.state for session in plan.continued.values()]
         states += [run.state for run in plan.runs.values()]
+        offsets = [session.steps for session in plan.continued.values()]
+        offsets += [run.steps for run in plan.runs.values()]
         try:
             # np.array rather than np.stack: cheaper for many small rows of one shape (docs/benchmarks.md)
-            ys, new_states = await self._batcher.run_block(x, np.array(states))
+            block = await self._stepper.run_block(x, np.array(states), offsets)
         except Exception as error:  # the runtime failed: every session of the block stays as it was
             call.outcome.errors.update(dict.fromkeys(rows, error))
             return
-        answers = ys[:, -1:] if call.frame.outputs is OutputMode.LAST else ys
-        call.outcome.outputs[rows] = answers
+        answers, counts = block.last() if call.frame.outputs is OutputMode.LAST else (block.ys, block.counts)
+        call.outcome.record(rows, answers, counts)
+        new_states = block.new_states
         split = len(plan.continued)
         applied = 0
         if split:
@@ -269,12 +274,13 @@ class Engine:
                 answers[:split],
                 continued_digests(x[:split], call.frame.outputs),
                 call.watcher,
+                None if counts is None else counts[:split],
             )
             failed = await self._commit_continued(continued, new_states[:split])
             applied += failed.count(None)
             await self._answer_continued(call, plan, x.shape[1], failed)
         if plan.runs:
-            applied += await self._commit_runs(call, plan.runs, ys[split:], new_states[split:])
+            applied += await self._commit_runs(call, plan.runs, block, split)
         self._metrics.chunks_applied(x.shape[1], applied)
 
     async def _answer_continued(
@@ -289,11 +295,12 @@ class Engine:
                 call.outcome.answer(row, await self._recommitted(call.job(row), error))
 
     async def _commit_runs(
-        self, call: _FrameCall, runs: dict[int, Run], ys: np.ndarray, new_states: np.ndarray
+        self, call: _FrameCall, runs: dict[int, Run], block: BlockResult, split: int
     ) -> int:
-        """Commit the runs of rows judged as chunks and answer them; how many were applied."""
-        outputs = [answered(run.job.chunk, y) for run, y in zip(runs.values(), ys, strict=True)]
-        committed = await self._commit(list(runs.values()), outputs, new_states)
+        """Commit the runs of rows judged as chunks (the block's rows from `split` on) and answer them; how
+        many were applied."""
+        outputs = [answered(run.job.chunk, block.own(split + i)) for i, run in enumerate(runs.values())]
+        committed = await self._commit(list(runs.values()), outputs, block.new_states[split:])
         for (row, run), result in zip(runs.items(), committed, strict=True):
             if not isinstance(result, ChunkResult):
                 result = await self._recommitted(run.job, result)

@@ -76,22 +76,34 @@ class FrameOutcome:
     ended: list[bool]
     replayed: list[bool]
     errors: dict[int, Exception]
+    # A framed model: how many of each row's outputs are windows its chunk completed (the rest are zeros).
+    output_steps: np.ndarray | None = None
 
     @classmethod
-    def pending(cls, frame: Frame, output_size: int) -> FrameOutcome:
-        """A frame's outcome before any row is answered: each starting session without an id has one."""
-        sessions, time = frame.inputs.shape[:2]
+    def pending(cls, frame: Frame, output_size: int, most_outputs: int, framed: bool) -> FrameOutcome:
+        """A frame's outcome before any row is answered: each starting session without an id has one.
+        `most_outputs`: the most outputs one of its chunks can have; `framed`: rows may have fewer."""
+        sessions = len(frame.inputs)
         issued = [
             session_id or (uuid.uuid4().hex if start else "")
             for session_id, start in zip(frame.session_ids, frame.start, strict=True)
         ]
-        rows = 1 if frame.outputs is OutputMode.LAST else time
+        rows = min(1, most_outputs) if frame.outputs is OutputMode.LAST else most_outputs
         outputs = np.zeros((sessions, rows, output_size), np.float32)
-        return cls(issued, outputs, [-1] * sessions, [False] * sessions, [False] * sessions, {})
+        counts = np.zeros(sessions, np.int64) if framed else None
+        return cls(issued, outputs, [-1] * sessions, [False] * sessions, [False] * sessions, {}, counts)
+
+    def record(self, rows: list[int], outputs: np.ndarray, counts: np.ndarray | None) -> None:
+        """The outputs of rows that ran (and, framed, how many of each are their own)."""
+        self.outputs[rows] = outputs
+        if self.output_steps is not None and counts is not None:
+            self.output_steps[rows] = counts
 
     def write(self, row: int, result: ChunkResult) -> None:
         """Row `row`'s answer: a chunk's result, as it would be alone."""
-        self.outputs[row] = result.outputs
+        self.outputs[row, : len(result.outputs)] = result.outputs
+        if self.output_steps is not None:
+            self.output_steps[row] = len(result.outputs)
         self.steps[row] = result.steps
         self.ended[row] = result.ended
         self.replayed[row] = result.replayed
@@ -107,6 +119,8 @@ class FrameOutcome:
         """Clear what a failed row may hold (a run's outputs, an issued id) once every row is answered."""
         if self.errors:
             self.outputs[list(self.errors)] = 0
+            if self.output_steps is not None:
+                self.output_steps[list(self.errors)] = 0
             for row in self.errors:
                 self.session_ids[row] = frame.session_ids[row]
 

@@ -58,7 +58,8 @@ class OnnxStepRunner:
         try:
             check_signature(self._graph.session, self.spec)
             check_streamable(self._graph, np.random.default_rng(0))
-            self.run(np.zeros((1, 1, *_feature_dims(self.spec)), self.spec.input_dtype), self._zeros())
+            warm_up = np.zeros((1, 1, *self.spec.graph_input_dims), self.spec.input_dtype)
+            self.run(warm_up, self._zeros())
         except (GraphMismatchError, NotStreamableError) as exc:
             raise ModelLoadError(f"{ONNX_FILE} in {model_dir} cannot be served: {exc}") from exc
         except Exception as exc:  # ORT's own errors, or a state the graph returns in another shape
@@ -66,10 +67,6 @@ class OnnxStepRunner:
 
     def _zeros(self) -> np.ndarray:
         return np.zeros((1, self.spec.state_size), np.float32)
-
-
-def _feature_dims(spec: ModelSpec) -> tuple[int, ...]:
-    return () if spec.input_kind == "tokens" else (spec.input_size,)
 
 
 def _read_artifact(model_dir: Path) -> tuple[bytes, dict[str, Any]]:

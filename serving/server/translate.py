@@ -33,7 +33,7 @@ from serving.domain.frames import Frame, FrameOutcome
 from serving.domain.sessions.store import EndReason, SessionEnd
 from serving.server.malformed import Malformed
 from serving.wire import pb
-from serving.wire.tensors import TensorDecodeError, decode
+from serving.wire.tensors import TensorDecodeError, decode, encode
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +139,9 @@ def model_info_to_pb(model: ServedModel) -> pb.ModelInfo:
         idle_ttl_s=model.idle_ttl_s,
         cell=spec.cell,
         state=[pb.StateTensorInfo(name=tensor.name, shape=tensor.row_shape) for tensor in spec.states],
+        constants=[pb.ConstantInfo(name=c.name, value=encode(c.array())) for c in spec.constants],
+        window=spec.framing.window if spec.framing else 0,
+        context=spec.framing.context if spec.framing else 0,
     )
 
 
@@ -249,6 +252,8 @@ def _part(
         first_index=first,
         more=True,
     )
+    if outcome.output_steps is not None:
+        result.output_steps[:] = outcome.output_steps[first:last].tolist()
     outputs = outcome.outputs[first:last]
     result.outputs.dtype = pb.DTYPE_FLOAT32
     result.outputs.shape[:] = outputs.shape

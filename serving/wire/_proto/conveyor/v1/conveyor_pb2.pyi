@@ -474,6 +474,7 @@ class FrameResult(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     FIRST_INDEX_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
+    OUTPUT_STEPS_FIELD_NUMBER: _builtins.int
     frame_id: _builtins.str
     """The frame's frame_id, echoed."""
     first_index: _builtins.int
@@ -506,6 +507,13 @@ class FrameResult(_message.Message):
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FrameError]:
         """The sessions that failed, by index; the others succeeded."""
 
+    @_builtins.property
+    def output_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """A framed model (ModelInfo.window > 0) only: how many of each session's output rows are windows its chunk
+        completed, from the first (a chunk of samples may complete none, or one more than another of its length);
+        the rows after them are zeros. Empty for any other model: every row is the session's.
+        """
+
     def __init__(
         self,
         *,
@@ -518,10 +526,11 @@ class FrameResult(_message.Message):
         errors: _abc.Iterable[Global___FrameError] | None = ...,
         first_index: _builtins.int = ...,
         more: _builtins.bool = ...,
+        output_steps: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "errors", b"errors", "first_index", b"first_index", "frame_id", b"frame_id", "more", b"more", "outputs", b"outputs", "replayed", b"replayed", "session_ids", b"session_ids", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "errors", b"errors", "first_index", b"first_index", "frame_id", b"frame_id", "more", b"more", "output_steps", b"output_steps", "outputs", b"outputs", "replayed", b"replayed", "session_ids", b"session_ids", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -685,6 +694,9 @@ class ModelInfo(_message.Message):
     IDLE_TTL_S_FIELD_NUMBER: _builtins.int
     CELL_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    CONSTANTS_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Model name (its artifact directory name), e.g. "language"."""
     task: _builtins.str
@@ -704,13 +716,22 @@ class ModelInfo(_message.Message):
     hidden: _builtins.int
     """Hidden size per layer."""
     max_chunk_steps: _builtins.int
-    """Largest accepted chunk, in timesteps."""
+    """Largest accepted chunk, in timesteps (a framed model: in windows, so a chunk holds at most
+    max_chunk_steps x window samples).
+    """
     idle_ttl_s: _builtins.float
     """Idle time after which a session expires, in seconds."""
     cell: _builtins.str
     """Recurrent cell: "lstm", "gru" or "rnn" for Conveyor's own models; the module's class name for one exported
     with export_module; "custom" for a graph given a card by `conveyor card`.
     """
+    window: _builtins.int
+    """A framed model (silero VAD): a step is one sample (inputs FLOAT32 [samples, 1], any number per chunk,
+    offsets and steps count samples), and the graph runs once per window of `window` samples, with the
+    `context` samples before it; a chunk's outputs are one row per window it completes, possibly none. 0 for
+    any other model: one output row per step.
+    """
+    context: _builtins.int
     @_builtins.property
     def output_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Label of each output index (the vocabulary for a language model, class names for a classifier)."""
@@ -724,6 +745,10 @@ class ModelInfo(_message.Message):
         """The state each session carries between chunks, one entry per state tensor (an LSTM: h and c; a GRU or RNN:
         h). layers and hidden are 0 when the model is no stack of recurrent layers the card can describe.
         """
+
+    @_builtins.property
+    def constants(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConstantInfo]:
+        """Inputs the server feeds the graph on every run, with their values (silero VAD: sr = 16000)."""
 
     def __init__(
         self,
@@ -743,14 +768,45 @@ class ModelInfo(_message.Message):
         idle_ttl_s: _builtins.float = ...,
         cell: _builtins.str = ...,
         state: _abc.Iterable[Global___StateTensorInfo] | None = ...,
+        constants: _abc.Iterable[Global___ConstantInfo] | None = ...,
+        window: _builtins.int = ...,
+        context: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell", "fingerprint", b"fingerprint", "hidden", b"hidden", "idle_ttl_s", b"idle_ttl_s", "input_kind", b"input_kind", "input_size", b"input_size", "layers", b"layers", "max_chunk_steps", b"max_chunk_steps", "name", b"name", "output_labels", b"output_labels", "output_meaning", b"output_meaning", "output_size", b"output_size", "state", b"state", "task", b"task", "vocabulary", b"vocabulary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell", "constants", b"constants", "context", b"context", "fingerprint", b"fingerprint", "hidden", b"hidden", "idle_ttl_s", b"idle_ttl_s", "input_kind", b"input_kind", "input_size", b"input_size", "layers", b"layers", "max_chunk_steps", b"max_chunk_steps", "name", b"name", "output_labels", b"output_labels", "output_meaning", b"output_meaning", "output_size", b"output_size", "state", b"state", "task", b"task", "vocabulary", b"vocabulary", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class ConstantInfo(_message.Message):
+    """An input fed the same value on every run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The graph input's name, e.g. "sr"."""
+    @_builtins.property
+    def value(self) -> Global___Tensor:
+        """Its value, of the graph's dtype and shape."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConstantInfo: _TypeAlias = ConstantInfo  # noqa: Y015
 
 @_typing.final
 class StateTensorInfo(_message.Message):
