@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SRC := modelcard training export serving tests scripts
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test services fuzz bench e2e-compose lint typecheck proto proto-check train export experiment experiment-quick serve clean
+.PHONY: help setup demo demo-vad test services fuzz bench e2e-compose lint typecheck proto proto-check train export experiment experiment-quick serve clean
 
 help: ## List what you can do
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -23,14 +23,30 @@ setup: $(STAMP) ## Create .venv and install Conveyor with training and dev tools
 demo: $(STAMP) ## Train + export the language model if missing, serve it, stream the France story through gRPC
 	$(BIN)/conveyor demo
 
+# silero VAD from its own wheel (a dev dependency), carded as a user would; speech spoken by espeak-ng.
+VAD_MODEL := artifacts/silero-vad-16k
+SPEECH := artifacts/speech-16k.wav
+
+$(VAD_MODEL)/model.json: $(STAMP)
+	$(BIN)/conveyor card "$$($(BIN)/python -c 'import silero_vad, pathlib; print(pathlib.Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx")')" \
+		--constant sr=16000 --window 512 --context 64 --state state:stateN \
+		--labels speech --meaning "speech probability" --task vad --out $(VAD_MODEL)
+
+$(SPEECH): $(STAMP) services
+	$(BIN)/python -m serving.cli.speak $(SPEECH)
+
+demo-vad: $(VAD_MODEL)/model.json $(SPEECH) ## silero VAD: stream 30 s of espeak-ng speech as a call would, print the segments
+	$(BIN)/conveyor vad $(SPEECH) --model $(VAD_MODEL)
+
 test: $(STAMP) services proto-check lint typecheck ## Run the test suite, ruff and mypy
 	$(BIN)/pytest
 
 # Tests start their own Prometheus (rule tests, dashboard queries), redis-server (durable sessions) and nginx
-# (routing) on free loopback ports; Debian packages all three.
-services: ## Install Prometheus, redis-server and nginx from Debian when missing (the tests start their own)
+# (routing) on free loopback ports; espeak-ng and sox make the speech the VAD tests and demo stream. Debian
+# packages them all.
+services: ## Install Prometheus, redis-server, nginx, espeak-ng and sox from Debian when missing
 	@missing=""; \
-	for pair in promtool:prometheus redis-server:redis-server nginx:nginx; do \
+	for pair in promtool:prometheus redis-server:redis-server nginx:nginx espeak-ng:espeak-ng sox:sox; do \
 		tool="$${pair%%:*}"; command -v "$$tool" >/dev/null || [ -x "/usr/sbin/$$tool" ] \
 			|| missing="$$missing $${pair##*:}"; \
 	done; \

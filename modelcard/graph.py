@@ -39,6 +39,8 @@ class NotStreamableError(ValueError):
 def open_session(onnx_bytes: bytes) -> ort.InferenceSession:
     """A CPU ONNX Runtime session on one thread, for checks: they are small and share the machine."""
     options = ort.SessionOptions()
+    # Errors only: graphs exported elsewhere (silero VAD's) warn of unused initializers on every load.
+    options.log_severity_level = 3
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])

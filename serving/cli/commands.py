@@ -170,6 +170,13 @@ def demo(args: argparse.Namespace) -> None:
         run_demo(DemoOptions(artifacts=args.artifacts))
 
 
+def vad(args: argparse.Namespace) -> None:
+    from serving.cli.vad import VadError, VadOptions, run_vad
+
+    with _user_errors(VadError):
+        run_vad(VadOptions(args.wav, args.target, args.model, args.frame_ms, args.realtime))
+
+
 def bench(args: argparse.Namespace) -> None:
     from serving.bench.cli import run
     from serving.bench.grid import BenchError

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_stream(sub)
     _add_demo(sub)
+    _add_vad(sub)
     _add_bench(sub)
     _add_soak(sub)
     _add_token(sub)
@@ -197,6 +198,16 @@ def _add_stream(sub: Subparsers) -> None:
 def _add_demo(sub: Subparsers) -> None:
     p = _command(sub, "demo", "The France -> French story through a real server.", commands.demo)
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where models live")
+
+
+def _add_vad(sub: Subparsers) -> None:
+    help_text = "Stream a WAV file to a voice-activity model in 20 ms frames; print its speech segments."
+    p = _command(sub, "vad", help_text, commands.vad)
+    p.add_argument("wav", type=Path, help="16-bit PCM mono WAV at the model's rate")
+    p.add_argument("--target", help="a running server, HOST:PORT (default: start one for --model)")
+    p.add_argument("--model", type=Path, default=Path("artifacts/silero-vad-16k"), help="the VAD artifact")
+    p.add_argument("--frame-ms", type=float, default=20.0, help="audio per chunk, as a call sends it")
+    p.add_argument("--realtime", action="store_true", help="send each frame when its audio would arrive")
 
 
 def _add_token(sub: Subparsers) -> None:

@@ -82,7 +82,7 @@ class Stepper:
         once."""
         counts = (offsets + samples.shape[1]) // framing.window - offsets // framing.window
         new_states = states.copy()
-        ys = np.zeros((len(samples), int(counts.max()), self._output_size), np.float32)
+        ys = np.zeros((len(samples), framing.most_windows(samples.shape[1]), self._output_size), np.float32)
         runs = []
         for count in np.unique(counts).tolist():
             rows = np.flatnonzero(counts == count)

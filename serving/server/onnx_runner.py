@@ -86,6 +86,8 @@ def _read_artifact(model_dir: Path) -> tuple[bytes, dict[str, Any]]:
 
 def _open_session(onnx_bytes: bytes, model_dir: Path, intra_op_threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    # Errors only: graphs exported elsewhere (silero VAD's) warn of unused initializers on every load.
+    options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # The graph is one chain (encoder -> LSTM -> head): running nodes in parallel gains nothing.
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
