@@ -2,7 +2,8 @@
 per run, state [2, batch, 128]); a real server cuts the windows from audio sent in chunks of any size, and its
 probabilities equal silero's own `OnnxWrapper` run window by window over the whole file, while 64 other calls
 stream at the same time; frames of sessions at different window phases do too; the wheel's other graphs are
-served or refused with the reason; bad audio gets its code and leaves the session as it was.
+served or refused with the reason; bad audio gets its code and leaves the session as it was; a call outlives
+the replica killed under it.
 
 The reference is silero's own code, imported from the wheel (it needs torch, as the wheel does). The speech is
 made at test time by espeak-ng and sox (`serving.cli.speak`)."""
@@ -22,13 +23,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from local_services import ServerProcess, conveyor_process, nginx_proxy, redis_server
 from serving_harness import assert_error, chunk, connect, rejected, running
 
 from modelcard.adopt import AdoptError, Described, Naming, adopt
 from modelcard.framing import Framing
 from serving.cli.speak import SpeakError, speak
 from serving.cli.vad import VadError, VadOptions, run_vad
-from serving.client import AsyncConveyorClient, ConveyorClient
+from serving.client import AsyncConveyorClient, ClientOptions, ConveyorClient, RetryPolicy
+from serving.client.scrape import scrape
 from serving.client.speech import read_wav, speech_segments
 from serving.domain.errors import ModelLoadError
 from serving.server.app import RunningServer
@@ -365,3 +368,43 @@ def test_conveyor_vad_refuses_audio_it_does_not_take(vad_16k: RunningServer, tmp
     for wav, message in cases.items():
         with pytest.raises(VadError, match=message):
             run_vad(VadOptions(wav, target=target), io.StringIO())
+
+
+def test_a_call_outlives_the_replica_killed_mid_file(tmp_path: Path, speech: dict[int, np.ndarray]) -> None:
+    """Two replicas on one Redis behind nginx; kill -9 of the one holding the call, 10 s into the file: the
+    call goes on at the other, its carried samples and state read back from Redis, with the same
+    probabilities."""
+    samples = speech[16000]
+    artifact = card_silero(tmp_path / "silero-vad-16k")
+    (tmp_path / "redis").mkdir()
+    patient = ClientOptions(
+        route_key="call-1", retry=RetryPolicy(max_attempts=60, initial_backoff_s=0.05, max_backoff_s=0.25)
+    )
+    with (
+        redis_server(tmp_path / "redis", durable=True) as redis,
+        conveyor_process(artifact, redis.url) as one,
+        conveyor_process(artifact, redis.url) as two,
+        nginx_proxy(tmp_path, [one.port, two.port]) as proxy_port,
+    ):
+
+        async def call() -> np.ndarray:
+            outputs = []
+            client = AsyncConveyorClient(f"127.0.0.1:{proxy_port}", patient)
+            async with client, client.session() as session:
+                for first in range(0, len(samples), 320):
+                    if first == 10 * 16000:
+                        owner = max((one, two), key=_answered)
+                        assert _answered(one) * _answered(two) == 0  # affinity: one replica had it all
+                        owner.kill()
+                    outputs.append(await session.send(samples[first : first + 320, None]))
+            return np.concatenate(outputs)[:, 0]
+
+        served = asyncio.run(call())
+        survivor = two if one.process is None else one
+        assert one.process is None or two.process is None
+        assert _answered(survivor) > 0
+    assert float(np.max(np.abs(served - silero_streaming(samples, 16000)))) <= TOLERANCE
+
+
+def _answered(replica: ServerProcess) -> float:
+    return scrape(replica.metrics_url).total("conveyor_chunk_latency_seconds_count")
