@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from serving_harness import running
+from serving_harness import SILERO_DATA, card_silero, running
 
 if TYPE_CHECKING:
     from training.model import CellKind
@@ -90,6 +90,14 @@ def gru_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def rnn_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Exported plain RNN `language`: tokens in, 1 layer, hidden 24; its state is h alone."""
     return _exported(tmp_path_factory.mktemp("artifacts") / "language-rnn", "language", 1, 24, cell="rnn")
+
+
+@pytest.fixture(scope="session")
+def vad_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """silero VAD's silero_vad.onnx from its wheel, carded for 16 kHz: a framed model (samples in)."""
+    if SILERO_DATA is None:
+        pytest.skip("the silero-vad wheel is not installed (a dev dependency)")
+    return card_silero(tmp_path_factory.mktemp("artifacts") / "silero-vad-16k")
 
 
 # A real server per test module on a free port, for tests that talk to it through a target string.

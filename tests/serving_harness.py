@@ -6,6 +6,8 @@ Raw stubs on purpose: these tests pin the wire contract itself, independently of
 from __future__ import annotations
 
 import functools
+import importlib.resources
+import importlib.util
 import json
 import queue
 import re
@@ -21,6 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from modelcard import spec_from_card
+from modelcard.adopt import Described, Naming, adopt
+from modelcard.framing import Framing
 from modelcard.graph import Graph
 from serving.client.scrape import scrape as scrape_url
 from serving.domain.runner import StepRunner
@@ -72,18 +76,44 @@ def card(artifact: Path) -> dict[str, Any]:
 
 
 def make_inputs(artifact: Path, steps: int, rng: np.random.Generator) -> np.ndarray:
-    """A random valid sequence for the artifact's model: int64 [steps] or float32 [steps, features]."""
-    spec = card(artifact)["input"]
+    """A random valid sequence for the artifact's model: int64 [steps] or float32 [steps, features] (a framed
+    model: `steps` windows of samples and half a window more, [samples, 1])."""
+    described = card(artifact)
+    spec = described["input"]
     if spec["kind"] == "tokens":
         return rng.integers(0, spec["size"], steps, dtype=np.int64)
+    if described.get("framing"):
+        steps = steps * described["framing"]["window"] + described["framing"]["window"] // 2
     return rng.standard_normal((steps, spec["size"])).astype(np.float32)
 
 
 def offline(artifact: Path, x: np.ndarray) -> np.ndarray:
-    """Outputs [time, outputs] of the whole sequence in one ONNX Runtime run from zero state."""
+    """Outputs [time, outputs] of the whole sequence in one ONNX Runtime run from zero state (a framed model:
+    its windows, [windows, outputs])."""
     spec = spec_from_card(card(artifact))
-    y, *_ = Graph(_reference(artifact), spec).run(x[None], spec.layout.zeros(1))
+    graph = Graph(_reference(artifact), spec)
+    if spec.framing is not None:
+        y, *_ = graph.run_framed(x[None, :, 0], spec.layout.zeros(1), [])
+    else:
+        y, *_ = graph.run(x[None], spec.layout.zeros(1))
     return np.asarray(y[0])
+
+
+SILERO_DATA = (
+    importlib.resources.files("silero_vad") / "data" if importlib.util.find_spec("silero_vad") else None
+)
+SILERO_FRAMING = {16000: Framing(512, 64), 8000: Framing(256, 32)}
+
+
+def card_silero(out: Path, rate: int = 16000, name: str = "silero_vad.onnx", constant: bool = True) -> Path:
+    """The artifact `conveyor card ONNX --constant sr=RATE --window W --context C --state state:stateN` writes
+    for one of the silero-vad wheel's graphs (a dev dependency)."""
+    assert SILERO_DATA is not None, "the silero-vad wheel is not installed"
+    constants = (("sr", str(rate)),) if constant else ()
+    naming = Naming(states=(("state", "stateN"),), constants=constants, framing=SILERO_FRAMING[rate])
+    described = Described(out.name, "vad", None, "speech probability", ("speech",))
+    adopt(Path(str(SILERO_DATA / name)), out, naming, described)
+    return out
 
 
 @functools.cache
@@ -134,7 +164,9 @@ def assert_continues(
     """The session is exactly at step `at` of `x`: the rest of `x` gives the offline outputs."""
     response = stub.Step(chunk(session_id, x[at:], at), timeout=10)
     assert response.steps == len(x)
-    assert_close(outputs(response), offline(artifact, x)[at:])
+    framing = card(artifact).get("framing")
+    answered = at // framing["window"] if framing else at  # outputs before step `at`: a framed model's windows
+    assert_close(outputs(response), offline(artifact, x)[answered:])
 
 
 def assert_error(error: grpc.RpcError, code: grpc.StatusCode, pattern: str) -> None:

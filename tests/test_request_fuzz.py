@@ -87,7 +87,7 @@ def _tensor(dtype: int, shape: list[int], data: bytes) -> pb.Tensor:
     return pb.Tensor(dtype=pb.DType.ValueType(dtype), shape=shape, data=data)
 
 
-@pytest.fixture(scope="module", params=["token_artifact", "feature_artifact"])
+@pytest.fixture(scope="module", params=["token_artifact", "feature_artifact", "vad_artifact"])
 def server(request: pytest.FixtureRequest) -> Iterator[tuple[RunningServer, Path, int]]:
     artifact: Path = request.getfixturevalue(request.param)
     width = 0 if request.param == "token_artifact" else int(sequence(artifact).shape[1])

@@ -24,10 +24,9 @@ import grpc
 import numpy as np
 import pytest
 from local_services import ServerProcess, conveyor_process, nginx_proxy, redis_server
-from serving_harness import assert_error, chunk, connect, rejected, running
+from serving_harness import SILERO_FRAMING, assert_error, card_silero, chunk, connect, rejected, running
 
 from modelcard.adopt import AdoptError, Described, Naming, adopt
-from modelcard.framing import Framing
 from serving.cli.speak import SpeakError, speak
 from serving.cli.vad import VadError, VadOptions, run_vad
 from serving.client import AsyncConveyorClient, ClientOptions, ConveyorClient, RetryPolicy
@@ -44,19 +43,10 @@ pytestmark = pytest.mark.timeout(300)
 
 DATA = importlib.resources.files("silero_vad") / "data"
 SILERO = Path(str(DATA / "silero_vad.onnx"))
-RATES = {16000: Framing(512, 64), 8000: Framing(256, 32)}
+RATES = SILERO_FRAMING
 CHUNK_SIZES = (160, 320, 511, 512, 4000, None)  # None: the whole file as one chunk
 BACKGROUND_CALLS = 64
 TOLERANCE = 1e-6
-
-
-def card_silero(out: Path, rate: int = 16000, onnx: Path = SILERO, constant: bool = True) -> Path:
-    """The artifact `conveyor card ONNX --constant sr=RATE --window W --context C --state state:stateN`
-    writes."""
-    constants = (("sr", str(rate)),) if constant else ()
-    naming = Naming(states=(("state", "stateN"),), constants=constants, framing=RATES[rate])
-    adopt(onnx, out, naming, Described(out.name, "vad", None, "speech probability", ("speech",)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +60,8 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[int, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def vad_16k(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    artifact = card_silero(tmp_path_factory.mktemp("silero") / "silero-vad-16k")
-    with running(artifact, max_batch_size=128) as server:
+def vad_16k(vad_artifact: Path) -> Iterator[RunningServer]:
+    with running(vad_artifact, max_batch_size=128) as server:
         yield server
 
 
@@ -229,7 +218,7 @@ def test_the_wheels_other_graphs_are_served(
 ) -> None:
     onnx = Path(str(DATA / name))
     samples = speech[16000][: 5 * 16000]
-    with running(card_silero(tmp_path / "vad", onnx=onnx, constant=constant)) as server:
+    with running(card_silero(tmp_path / "vad", name=name, constant=constant)) as server:
         served = _sent_in(server, samples, 320)
     reference = _windows_by_hand(onnx, samples, constant)
     assert float(np.max(np.abs(served - reference))) <= TOLERANCE
@@ -370,20 +359,21 @@ def test_conveyor_vad_refuses_audio_it_does_not_take(vad_16k: RunningServer, tmp
             run_vad(VadOptions(wav, target=target), io.StringIO())
 
 
-def test_a_call_outlives_the_replica_killed_mid_file(tmp_path: Path, speech: dict[int, np.ndarray]) -> None:
+def test_a_call_outlives_the_replica_killed_mid_file(
+    vad_artifact: Path, tmp_path: Path, speech: dict[int, np.ndarray]
+) -> None:
     """Two replicas on one Redis behind nginx; kill -9 of the one holding the call, 10 s into the file: the
     call goes on at the other, its carried samples and state read back from Redis, with the same
     probabilities."""
     samples = speech[16000]
-    artifact = card_silero(tmp_path / "silero-vad-16k")
     (tmp_path / "redis").mkdir()
     patient = ClientOptions(
         route_key="call-1", retry=RetryPolicy(max_attempts=60, initial_backoff_s=0.05, max_backoff_s=0.25)
     )
     with (
         redis_server(tmp_path / "redis", durable=True) as redis,
-        conveyor_process(artifact, redis.url) as one,
-        conveyor_process(artifact, redis.url) as two,
+        conveyor_process(vad_artifact, redis.url) as one,
+        conveyor_process(vad_artifact, redis.url) as two,
         nginx_proxy(tmp_path, [one.port, two.port]) as proxy_port,
     ):
 
