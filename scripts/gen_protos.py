@@ -1,7 +1,8 @@
 """Generate protos/' Python code into serving/wire/_proto/, or check that the committed code is current.
 
-protoc writes absolute imports rooted at the proto path (``from conveyor.v1 import ...``); the generated
-package lives inside ``serving.wire``, so those imports are rewritten to ``serving.wire._proto.conveyor.v1``.
+protoc writes absolute imports rooted at the proto path (``from conveyor.v1 import ...``, ``from inference
+import ...``); the generated packages live inside ``serving.wire``, so those imports are rewritten to
+``serving.wire._proto.conveyor.v1`` and ``serving.wire._proto.inference``.
 The files are committed so that the serving image needs no grpcio-tools; ``--check`` (run by ``make test``)
 fails when regenerating would change them.
 """
@@ -22,8 +23,11 @@ PROTO_ROOT = ROOT / "protos"
 TARGET = ROOT / "serving" / "wire" / "_proto"
 # mypy-protobuf's plugins are installed beside this interpreter, which need not be on PATH.
 BIN = Path(sys.executable).parent
-IMPORT_FROM = "from conveyor.v1 import"
-IMPORT_TO = "from serving.wire._proto.conveyor.v1 import"
+# protoc's imports of each proto package, and where the generated package lives.
+IMPORTS = {
+    "from conveyor.v1 import": "from serving.wire._proto.conveyor.v1 import",
+    "from inference import": "from serving.wire._proto.inference import",
+}
 
 
 def generate(out_dir: Path) -> None:
@@ -43,7 +47,10 @@ def generate(out_dir: Path) -> None:
     if protoc.main(args) != 0:
         sys.exit("protoc failed")
     for path in out_dir.rglob("*.py*"):
-        path.write_text(path.read_text().replace(IMPORT_FROM, IMPORT_TO))
+        text = path.read_text()
+        for before, after in IMPORTS.items():
+            text = text.replace(before, after)
+        path.write_text(text)
     for package in [out_dir, *(p for p in out_dir.rglob("*") if p.is_dir())]:
         (package / "__init__.py").touch()
 

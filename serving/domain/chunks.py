@@ -45,6 +45,9 @@ class Chunk(NamedTuple):
     snapshot: bytes = b""
     outputs: OutputMode = OutputMode.ALL
     namespace: str = ""  # the tenant whose session this is ("" without tenants)
+    # Applied at the session's step count, whatever `offset` says: for protocols without offsets (the Open
+    # Inference Protocol's sequences). Such a chunk sent twice is applied twice.
+    append: bool = False
 
 
 class ChunkResult(NamedTuple):
@@ -108,7 +111,7 @@ def validate(chunk: Chunk, model: ServedModel, *, values: bool = True) -> None:
         raise InvalidChunkError("session_id is empty: set it, or send start to have the server issue one")
     if (chunk.reset or chunk.snapshot) and not chunk.start:
         raise InvalidChunkError("reset and snapshot only apply with start")
-    if chunk.offset < 0:
+    if chunk.offset < 0 and not chunk.append:
         raise InvalidChunkError(f"offset must be >= 0, got {chunk.offset}")
     check_shape(chunk.inputs, model)
     if values:

@@ -65,13 +65,13 @@ class Run(NamedTuple):
         """What the run leaves in the store: its new state and step count, and its answer for a replay (when
         no larger than `replay_max_bytes`; its digest always)."""
         chunk = self.job.chunk
-        replay = Replay(self.job.digest, chunk.offset, answer if kept(answer, replay_max_bytes) else None)
+        replay = Replay(self.job.digest, self.steps, answer if kept(answer, replay_max_bytes) else None)
         return Commit(self.job.key, self.previous, state, self.steps + len(chunk.inputs), replay, chunk.start)
 
     def result(self, steps: int, answer: np.ndarray) -> ChunkResult:
         """The chunk's answer once its run is stored, at `steps`."""
         chunk = self.job.chunk
-        return ChunkResult(self.job.session_id, chunk.offset, steps, answer, chunk.end, False)
+        return ChunkResult(self.job.session_id, self.steps, steps, answer, chunk.end, False)
 
 
 class Continued(NamedTuple):
@@ -169,7 +169,7 @@ class Contract:
         return _runnable(job, existing, state, steps)
 
     def _continue(self, job: Job, session: Session | None, ended: EndedReplay | None) -> ChunkResult | Run:
-        if continues(session, job.chunk.offset):
+        if continues(session, job.chunk.offset) or (job.chunk.append and session is not None):
             return Run(job, session, session.state, session.steps)
         if session is None:
             replayed = self._ended_replayed(job, ended)
@@ -220,6 +220,6 @@ def kept(answer: np.ndarray, replay_max_bytes: int) -> bool:
 
 
 def _runnable(job: Job, previous: Session | None, state: np.ndarray, steps: int) -> Run:
-    if job.chunk.offset != steps:
+    if job.chunk.offset != steps and not job.chunk.append:
         raise OffsetMismatchError(job.session_id, job.chunk.offset, steps)
     return Run(job, previous, state, steps)

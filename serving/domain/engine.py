@@ -69,6 +69,11 @@ class Engine:
         self._admission = Admission()
         self._closed = False  # set once every session has ended at shutdown: nothing more is committed
 
+    @property
+    def accepting(self) -> bool:
+        """Whether new chunks are taken (false once a graceful stop has begun)."""
+        return self._admission.is_open
+
     async def step(
         self, chunk: Chunk, watcher: Watcher | None = None, backlog: Backlog | None = None
     ) -> ChunkResult:

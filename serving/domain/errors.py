@@ -18,6 +18,14 @@ class InvalidChunkError(ServingError):
     """A chunk's inputs, flags or session id break the contract; nothing was applied."""
 
 
+class ModelNotServedError(ServingError):
+    """A request names a model (or a version of it) this server does not serve."""
+
+    def __init__(self, name: str, version: str, served: str) -> None:
+        which = f"{name!r} version {version!r}" if version else repr(name)
+        super().__init__(f"model {which} is not served here: this server serves {served!r} (version 1)")
+
+
 class InvalidSessionIdError(ServingError):
     """A session id breaks the id rules (1-128 characters of [A-Za-z0-9._:-])."""
 

@@ -22,6 +22,11 @@ class Admission:
         self._drained = asyncio.Event()
         self._closing = False
 
+    @property
+    def is_open(self) -> bool:
+        """Whether calls are still admitted (`close` has not begun)."""
+        return not self._closing
+
     def check_open(self) -> None:
         """Raise `ShuttingDownError` once `close` has begun."""
         if self._closing:

@@ -34,10 +34,12 @@ from serving.server.auth import Tenants
 from serving.server.config import ServerConfig
 from serving.server.endpoints import bind, close_http, grpc_server, process_registry, set_health
 from serving.server.metrics import ConveyorMetrics
+from serving.server.oip_service import InferenceServicer
 from serving.server.onnx_runner import OnnxStepRunner
 from serving.server.outbox import StreamLimits
 from serving.server.service import ConveyorServicer
 from serving.server.stores import open_store
+from serving.server.streams import ChunkCounter, Streams
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class _App:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     engine: Engine
-    servicer: ConveyorServicer
+    streams: Streams
     batcher: Batcher
     close_store: Callable[[], Awaitable[None]]
     http: WSGIServer  # serves /metrics
@@ -65,7 +67,7 @@ class _App:
         """Health NOT_SERVING, in-flight chunks finish, sessions end (shutdown), streams close, then stop."""
         await self.health.enter_graceful_shutdown()
         await self.engine.close(grace_s)
-        self.servicer.close_streams()
+        self.streams.close()
         await self.server.stop(_FINAL_GRACE_S)
         self.batcher.close()
         await self.close_store()
@@ -220,10 +222,12 @@ async def _start(
         metrics=metrics,
     )
     engine = Engine(model, sessions, batcher, metrics, tenants.quotas() if tenants else None)
-    streams = StreamLimits(config.max_inflight_per_stream, config.stream_max_bytes, config.max_streams)
-    servicer = ConveyorServicer(engine, metrics, stream_limits=streams, tenants=tenants)
-    metrics.track_held_bytes(lambda: {**sessions.held_bytes(), "stream": servicer.held_bytes()})
-    server, health_servicer = grpc_server(servicer, metrics)
+    stream_limits = StreamLimits(config.max_inflight_per_stream, config.stream_max_bytes, config.max_streams)
+    streams, counter = Streams(engine, stream_limits), ChunkCounter(metrics)
+    servicer = ConveyorServicer(engine, streams, counter, tenants)
+    inference = InferenceServicer(engine, streams, counter, tenants)
+    metrics.track_held_bytes(lambda: {**sessions.held_bytes(), "stream": streams.held_bytes()})
+    server, health_servicer = grpc_server(servicer, inference, metrics)
     await set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
         port, http = bind(server, config, registry)
@@ -244,7 +248,7 @@ async def _start(
         server,
         health_servicer,
         engine,
-        servicer,
+        streams,
         batcher,
         opened.close,
         http,

@@ -20,28 +20,31 @@ from serving.server.config import ServerConfig
 from serving.server.interceptor import RpcMetricsInterceptor
 from serving.server.malformed import MalformedRequestInterceptor
 from serving.server.metrics import ConveyorMetrics
+from serving.server.oip_service import InferenceServicer
 from serving.server.service import ConveyorServicer
 from serving.server.tls import server_credentials
-from serving.wire import pb, pb_grpc
+from serving.wire import oip, oip_grpc, pb, pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Conveyor"].full_name
 
 
 def grpc_server(
-    servicer: ConveyorServicer, metrics: ConveyorMetrics
+    servicer: ConveyorServicer, inference: InferenceServicer, metrics: ConveyorMetrics
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """The gRPC server: Conveyor, health and reflection, behind the metrics and malformed-request
-    interceptors."""
+    """The gRPC server: Conveyor, the Open Inference Protocol, health and reflection, behind the metrics and
+    malformed-request interceptors."""
     # so_reuseport off: a second server on a taken port must fail, not silently share it.
     server = grpc.aio.server(
         interceptors=[RpcMetricsInterceptor(metrics), MalformedRequestInterceptor()],
         options=[("grpc.so_reuseport", 0)],
     )
     pb_grpc.add_ConveyorServicer_to_server(servicer, server)
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         SERVICE_NAME,
+        oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )

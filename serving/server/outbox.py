@@ -10,9 +10,9 @@ from typing import Generic, TypeVar
 
 from serving.domain.notices import Watcher
 from serving.domain.sessions.store import SessionEnd
-from serving.wire import pb
+from serving.wire import oip, pb
 
-Message = TypeVar("Message", pb.StreamResponse, pb.FrameResponse)
+Message = TypeVar("Message", pb.StreamResponse, pb.FrameResponse, oip.ModelStreamInferResponse)
 
 # A stream's answers are `ahead` of a new one (`serving.domain.backlog`) while more than this many wait to be
 # sent: a batch released as the queue drains to it is answered while that many are still being sent.
@@ -57,10 +57,11 @@ class Outbox(Generic[Message]):
         self,
         limits: StreamLimits,
         loop: asyncio.AbstractEventLoop,
-        notice: Callable[[SessionEnd], Message],
+        notice: Callable[[SessionEnd], Message | None],
     ) -> None:
         self._queue: collections.deque[tuple[Message, int] | None] = collections.deque()
-        self._notice: Callable[[SessionEnd], Message] = notice  # the message telling that a session ended
+        # The message telling that a session ended (None: this kind of stream is not told of that end).
+        self._notice: Callable[[SessionEnd], Message | None] = notice
         self._loop = loop
         self._ready: asyncio.Future[None] | None = None  # the sender waits on it while the queue is empty
         self._room: asyncio.Future[None] | None = None  # the reader waits on it while the stream is full
@@ -102,7 +103,9 @@ class Outbox(Generic[Message]):
     def notify(self, ended: SessionEnd) -> None:
         """Queue the notice that a session this stream used has ended (no chunk's answer: it costs none)."""
         self.touched.discard(ended.session_id)
-        self._put((self._notice(ended), -1))
+        notice = self._notice(ended)
+        if notice is not None:
+            self._put((notice, -1))
 
     def finish(self) -> None:
         """No more messages: the stream ends after what is queued."""

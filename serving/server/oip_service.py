@@ -1,0 +1,148 @@
+"""The Open Inference Protocol's servicer (`inference.GRPCInferenceService`, as Triton's clients and
+perf_analyzer speak it), on the same server and port as Conveyor's own, over the same engine: v2 and native
+requests share sessions, batches, the store, tenants and metrics. Protobuf in, engine call, protobuf out
+(translated by `serving.server.oip_translate`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from serving.domain.engine import Engine
+from serving.domain.errors import InvalidChunkError, ModelNotServedError
+from serving.server.auth import Tenants
+from serving.server.malformed import Malformed
+from serving.server.oip_translate import (
+    check_model,
+    chunk_from_infer,
+    end_notice,
+    infer_response,
+    model_config,
+    model_metadata,
+    server_metadata,
+    status_of,
+)
+from serving.server.outbox import Outbox
+from serving.server.streams import ChunkCounter, StreamKind, Streams, abort, namespace_of
+from serving.server.translate import status_for
+from serving.wire import oip, oip_grpc
+
+_Answer = oip.ModelInferResponse | tuple[grpc.StatusCode, str]
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """Implements the protocol's health, metadata, configuration and inference RPCs on an `Engine`."""
+
+    def __init__(
+        self, engine: Engine, streams: Streams, counter: ChunkCounter, tenants: Tenants | None = None
+    ) -> None:
+        self._engine = engine
+        self._streams = streams
+        self._counter = counter
+        self._tenants = tenants
+        self._stream = StreamKind(
+            lambda request: request.ByteSize(), self._answer_in_band, end_notice, self._refused
+        )
+
+    async def ServerLive(  # noqa: N802 (gRPC method names)
+        self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(  # noqa: N802
+        self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self._engine.accepting)
+
+    async def ModelReady(  # noqa: N802
+        self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelReadyResponse:
+        await self._check_model(request.name, request.version, context)
+        return oip.ModelReadyResponse(ready=self._engine.accepting)
+
+    async def ServerMetadata(  # noqa: N802
+        self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerMetadataResponse:
+        return server_metadata()
+
+    async def ModelMetadata(  # noqa: N802
+        self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelMetadataResponse:
+        await self._check_model(request.name, request.version, context)
+        return model_metadata(self._engine.model.spec)
+
+    async def ModelConfig(  # noqa: N802
+        self, request: oip.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelConfigResponse:
+        await self._check_model(request.name, request.version, context)
+        return model_config(self._engine.model)
+
+    async def ModelInfer(  # noqa: N802
+        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelInferResponse:
+        """One request of a sequence; an error is the call's status."""
+        received = time.perf_counter()
+        answer = await self._infer(request, received, await namespace_of(self._tenants, context))
+        if isinstance(answer, tuple):
+            await abort(context, *answer)
+        return answer
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[oip.ModelStreamInferResponse]:
+        """Each request answered in band, errors as `error_message` with the request's id; the stream stays
+        open. A sequence the server ends (idle, capacity, shutdown) is told in band too."""
+        namespace = await namespace_of(self._tenants, context)
+        async for response in self._streams.serve(request_iterator, context, namespace, self._stream):
+            yield response
+
+    async def _answer_in_band(
+        self,
+        request: oip.ModelInferRequest,
+        received: float,
+        outbox: Outbox[oip.ModelStreamInferResponse],
+        namespace: str,
+        cost: int,
+    ) -> None:
+        answer = await self._infer(request, received, namespace, outbox)
+        if isinstance(answer, tuple):
+            failed = oip.ModelInferResponse(id=request.id, model_name=request.model_name)
+            outbox.answer(oip.ModelStreamInferResponse(error_message=answer[1], infer_response=failed), cost)
+        else:
+            outbox.answer(oip.ModelStreamInferResponse(infer_response=answer), cost)
+
+    async def _infer(
+        self,
+        request: oip.ModelInferRequest,
+        received: float,
+        namespace: str,
+        outbox: Outbox[oip.ModelStreamInferResponse] | None = None,
+    ) -> _Answer:
+        """The response to `request`, or its status and message; counted as a chunk answered either way."""
+        spec = self._engine.model.spec
+        watcher = outbox.watcher if outbox is not None else None
+        try:
+            chunk = chunk_from_infer(request, self._engine.model, namespace)
+            result = await self._engine.step(chunk, watcher, outbox)
+        except Exception as exc:
+            code, message = status_of(exc, request, spec)
+            self._counter.count(received, [code])
+            return code, message
+        if outbox is not None:
+            outbox.touched.add(result.session_id)
+        self._counter.count(received, answered=1)
+        return infer_response(request, result, spec)
+
+    def _refused(self, request: Malformed, received: float) -> oip.ModelStreamInferResponse:
+        code, message = status_for(InvalidChunkError(request.describe()))
+        self._counter.count(received, [code])
+        return oip.ModelStreamInferResponse(error_message=message)
+
+    async def _check_model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> None:
+        await namespace_of(self._tenants, context)
+        try:
+            check_model(name, version, self._engine.model.spec)
+        except ModelNotServedError as exc:
+            await abort(context, *status_for(exc))
