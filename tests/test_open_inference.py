@@ -65,7 +65,8 @@ def output(response: oip.ModelInferResponse) -> np.ndarray:
     """The response's y, [time, outputs]."""
     (tensor,) = response.outputs
     assert tensor.name == "y" and tensor.datatype == "FP32" and tensor.shape[0] == 1
-    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(tensor.shape)[0]
+    values: np.ndarray = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(tensor.shape)[0]
+    return values
 
 
 def cuts(length: int, rng: np.random.Generator) -> list[tuple[int, int]]:
