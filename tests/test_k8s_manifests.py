@@ -65,3 +65,33 @@ def test_both_proxies_hash_the_header_the_client_sends() -> None:
     routes = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     route = routes["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
     assert route["hash_policy"] == [{"header": {"header_name": ROUTE_HEADER}}]
+
+
+KSERVE = K8S.parent / "kserve" / "conveyor.yaml"
+
+
+def _kserve(kind: str) -> dict[str, Any]:
+    return next(doc for doc in yaml.safe_load_all(KSERVE.read_text()) if doc and doc["kind"] == kind)
+
+
+def test_the_kserve_runtime_serves_v2_grpc_from_a_valid_container() -> None:
+    """KServe's CRDs are not in the Kubernetes schema: the runtime's containers are validated as a Pod's, and
+    its wiring checked against KServe's conventions and the server's settings."""
+    runtime = _kserve("ServingRuntime")["spec"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "runtime"},
+        "spec": {"containers": runtime["containers"]},
+    }
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+    (container,) = runtime["containers"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    (port,) = container["ports"]
+    assert runtime["protocolVersions"] == ["grpc-v2"] and port["name"] == "h2c"
+    assert port["containerPort"] == container["readinessProbe"]["grpc"]["port"] == int(env["CONVEYOR_PORT"])
+    assert env["CONVEYOR_MODEL_DIR"] == "/mnt/models"  # where KServe's storage initializer puts the model
+    service = _kserve("InferenceService")["spec"]["predictor"]["model"]
+    assert service["runtime"] == _kserve("ServingRuntime")["metadata"]["name"]
+    assert service["modelFormat"]["name"] in [entry["name"] for entry in runtime["supportedModelFormats"]]
+    assert service["protocolVersion"] in runtime["protocolVersions"]
