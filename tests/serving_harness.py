@@ -165,7 +165,8 @@ def assert_continues(
     response = stub.Step(chunk(session_id, x[at:], at), timeout=10)
     assert response.steps == len(x)
     framing = card(artifact).get("framing")
-    answered = at // framing["window"] if framing else at  # outputs before step `at`: a framed model's windows
+    # The outputs before step `at`: a framed model's are its windows.
+    answered = at // framing["window"] if framing else at
     assert_close(outputs(response), offline(artifact, x)[answered:])
 
 
