@@ -146,7 +146,11 @@ class ConveyorServicer(pb_grpc.ConveyorServicer):
         except InvalidChunkError as exc:
             outbox.answer(pb.FrameResponse(error=self._failed(exc, received, frame.frame_id)), cost)
             return
-        outcome = await self._engine.step_frame(columns, outbox.watcher)
+        try:
+            outcome = await self._engine.step_frame(columns, outbox.watcher)
+        except Exception as exc:  # a bug, not the client's: INTERNAL (logged), and the stream goes on
+            outbox.answer(pb.FrameResponse(error=self._failed(exc, received, frame.frame_id)), cost)
+            return
         parts = frame_results_to_pb(frame.frame_id, outcome, limit)
         self._count(received, [error for part in parts for error in part.errors], outcome.answered)
         outbox.touched.update(
