@@ -2,21 +2,26 @@
 channel with the protocol's own stubs: health and metadata as a v2 client reads them; sequences in chunks over
 ModelInfer and interleaved on one ModelStreamInfer stream, equal to one whole-sequence ONNX Runtime run;
 sequence ids keyed on type and value; exactly-once with sequence_offset; each bad request its code; v2 and
-native clients on the same sessions. tests/test_tritonclient.py drives the same with tritonclient itself."""
+native clients on the same sessions; a sequence outliving kill -9 of its replica (Redis, nginx).
+tests/test_tritonclient.py drives the same with tritonclient itself."""
 
 from __future__ import annotations
 
 import itertools
 import queue
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from local_services import ServerProcess, conveyor_process, nginx_proxy, redis_server
 from serving_harness import assert_close, assert_error, make_inputs, offline, rejected, running
 
 from serving.client import ConveyorClient
+from serving.client.core import ROUTE_HEADER
+from serving.client.scrape import scrape
 from serving.server.app import RunningServer
 from serving.wire import oip, oip_grpc
 
@@ -283,3 +288,48 @@ def test_unserved_rpcs_are_unimplemented(server: RunningServer) -> None:
         with pytest.raises(grpc.RpcError) as raised:
             statistics(b"", timeout=5)
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_v2_sequence_outlives_kill_9_of_its_replica(token_artifact: Path, tmp_path: Path) -> None:
+    """Two replicas on one Redis behind nginx, the sequence routed by x-conveyor-route: kill -9 of the replica
+    holding it mid-sequence; the client retries the failed request with the same sequence_offset, the other
+    replica answers from Redis, and the outputs equal the whole run."""
+    x = make_inputs(token_artifact, 40, np.random.default_rng(8))
+    (tmp_path / "redis").mkdir()
+    with (
+        redis_server(tmp_path / "redis", durable=True) as redis,
+        conveyor_process(token_artifact, redis.url) as one,
+        conveyor_process(token_artifact, redis.url) as two,
+        nginx_proxy(tmp_path, [one.port, two.port], fail_timeout_s=1) as proxy_port,
+        grpc.insecure_channel(f"127.0.0.1:{proxy_port}") as channel,
+    ):
+        routed = oip_grpc.GRPCInferenceServiceStub(channel)
+        pieces = []
+        for offset in range(0, len(x), 4):
+            if offset == 20:
+                max((one, two), key=_answered).kill()
+            request = infer(x[offset : offset + 4], 31337, start=offset == 0, offset=offset)
+            pieces.append(output(_with_retries(routed, request)))
+        assert one.process is None or two.process is None
+    assert_close(np.concatenate(pieces), offline(token_artifact, x))
+
+
+def _with_retries(
+    stub: oip_grpc.GRPCInferenceServiceStub, request: oip.ModelInferRequest
+) -> oip.ModelInferResponse:
+    """`ModelInfer`, resent while the replica behind the proxy is gone (UNAVAILABLE)."""
+    for _ in range(60):
+        try:
+            response: oip.ModelInferResponse = stub.ModelInfer(
+                request, timeout=10, metadata=((ROUTE_HEADER, "sequence-31337"),)
+            )
+            return response
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("no replica answered")
+
+
+def _answered(replica: ServerProcess) -> float:
+    return scrape(replica.metrics_url).total("conveyor_chunk_latency_seconds_count")
