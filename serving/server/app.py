@@ -39,7 +39,7 @@ from serving.server.onnx_runner import OnnxStepRunner
 from serving.server.outbox import StreamLimits
 from serving.server.service import ConveyorServicer
 from serving.server.stores import open_store
-from serving.server.streams import ChunkCounter, Streams
+from serving.server.streams import ChunkCounter, ServingParts, Streams
 
 logger = logging.getLogger(__name__)
 
@@ -223,9 +223,9 @@ async def _start(
     )
     engine = Engine(model, sessions, batcher, metrics, tenants.quotas() if tenants else None)
     stream_limits = StreamLimits(config.max_inflight_per_stream, config.stream_max_bytes, config.max_streams)
-    streams, counter = Streams(engine, stream_limits), ChunkCounter(metrics)
-    servicer = ConveyorServicer(engine, streams, counter, tenants)
-    inference = InferenceServicer(engine, streams, counter, tenants)
+    streams = Streams(engine, stream_limits)
+    parts = ServingParts(engine, streams, ChunkCounter(metrics), tenants)
+    servicer, inference = ConveyorServicer(parts), InferenceServicer(parts)
     metrics.track_held_bytes(lambda: {**sessions.held_bytes(), "stream": streams.held_bytes()})
     server, health_servicer = grpc_server(servicer, inference, metrics)
     await set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -10,9 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from serving.domain.engine import Engine
 from serving.domain.errors import InvalidChunkError, ModelNotServedError
-from serving.server.auth import Tenants
 from serving.server.malformed import Malformed
 from serving.server.oip_translate import (
     check_model,
@@ -25,7 +23,7 @@ from serving.server.oip_translate import (
     status_of,
 )
 from serving.server.outbox import Outbox
-from serving.server.streams import ChunkCounter, StreamKind, Streams, abort, namespace_of
+from serving.server.streams import ServingParts, StreamKind, abort, namespace_of
 from serving.server.translate import status_for
 from serving.wire import oip, oip_grpc
 
@@ -35,13 +33,8 @@ _Answer = oip.ModelInferResponse | tuple[grpc.StatusCode, str]
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """Implements the protocol's health, metadata, configuration and inference RPCs on an `Engine`."""
 
-    def __init__(
-        self, engine: Engine, streams: Streams, counter: ChunkCounter, tenants: Tenants | None = None
-    ) -> None:
-        self._engine = engine
-        self._streams = streams
-        self._counter = counter
-        self._tenants = tenants
+    def __init__(self, parts: ServingParts) -> None:
+        self._engine, self._streams, self._counter, self._tenants = parts
         self._stream = StreamKind(
             lambda request: request.ByteSize(), self._answer_in_band, end_notice, self._refused
         )

@@ -9,13 +9,11 @@ from typing import Any, TypeVar
 import grpc
 
 from serving.domain.backlog import Backlog
-from serving.domain.engine import Engine
 from serving.domain.errors import InvalidChunkError
 from serving.domain.notices import Watcher
-from serving.server.auth import Tenants
 from serving.server.malformed import Malformed
 from serving.server.outbox import Message, Outbox, chunk_cost
-from serving.server.streams import ChunkCounter, StreamKind, Streams, abort, namespace_of
+from serving.server.streams import ServingParts, StreamKind, abort, namespace_of
 from serving.server.translate import (
     BY_NUMBER,
     check_result_fits,
@@ -39,14 +37,9 @@ _T = TypeVar("_T")
 class ConveyorServicer(pb_grpc.ConveyorServicer):
     """Implements conveyor.v1.Conveyor on top of an `Engine`."""
 
-    def __init__(
-        self, engine: Engine, streams: Streams, counter: ChunkCounter, tenants: Tenants | None = None
-    ) -> None:
-        self._engine = engine
-        self._streams = streams
-        self._counter = counter
-        self._tenants = tenants  # None: no authentication, one namespace
-        model = engine.model
+    def __init__(self, parts: ServingParts) -> None:
+        self._engine, self._streams, self._counter, self._tenants = parts
+        model = self._engine.model
         cost_args = (model.spec.output_size, model.max_chunk_steps)
         self._chunks = StreamKind(
             lambda request: chunk_cost(request, *cost_args),

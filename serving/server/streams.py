@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, NoReturn
+from typing import Any, Generic, NamedTuple, NoReturn
 
 import grpc
 
@@ -153,3 +153,13 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
     """End the call with `code` and `message`."""
     await context.abort(code, message)
     raise AssertionError("context.abort returned")  # it raises; this tells the type checker so
+
+
+class ServingParts(NamedTuple):
+    """What every protocol's servicer works with: one engine, its streams, its chunk count, its tenants (None:
+    no authentication, one namespace)."""
+
+    engine: Engine
+    streams: Streams
+    counter: ChunkCounter
+    tenants: Tenants | None
