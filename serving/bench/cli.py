@@ -7,6 +7,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from serving.bench.audio_grid import AUDIO_MODES, AudioOptions
 from serving.bench.grid import MODES, BenchError, BenchOptions, quick
 
 DEFAULT_MODEL = Path("artifacts/language")
@@ -29,11 +30,14 @@ _FIELDS = (
     "repeats",
     "store",
 )
+# The ones that also set --audio's options.
+_AUDIO_FIELDS = ("modes", "channels", "seconds", "warmup_s", "max_batch_size")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench's flags to `parser` (the `conveyor bench` subcommand's, or a standalone one)."""
     full, fast = BenchOptions(model_dir=DEFAULT_MODEL), quick(BenchOptions(model_dir=DEFAULT_MODEL))
+    audio = AudioOptions(model_dir=DEFAULT_MODEL)
     add = parser.add_argument
     add("--model", type=Path, default=DEFAULT_MODEL, help="artifact directory to serve (default %(default)s)")
     add("--target", help="HOST:PORT of a running server to drive instead (modes batched and stateless only)")
@@ -67,6 +71,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--plot", type=Path, help="write a PNG of throughput and p99 latency against sessions here")
     add("--memory", action="store_true", help="measure what idle sessions cost in server memory instead")
     add("--memory-sessions", type=int, help="idle sessions to open (default 100000; quick 10000)")
+    add(
+        "--audio",
+        action="store_true",
+        help="the audio rows instead, for a framed model (--model artifacts/silero-vad-16k): the most "
+        "real-time streams held in frames and on Stream, by silero's own loop, and ONNX Runtime's floor "
+        f"(modes {_show(AUDIO_MODES)})",
+    )
+    add(
+        "--audio-streams",
+        type=_counts,
+        help=f"--audio's first and most streams (default {audio.first_streams},{audio.most_streams})",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
@@ -81,6 +97,9 @@ def run(args: argparse.Namespace) -> None:
     """Run the bench the flags describe: the table (and the targets) on stdout, JSON and PNG where asked."""
     if args.memory:
         _run_memory(args)
+        return
+    if args.audio:
+        _run_audio(args)
         return
     from serving.bench.report import format_row, format_table, plot, write_json
     from serving.bench.run import run_bench
@@ -110,6 +129,41 @@ def _run_memory(args: argparse.Namespace) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+
+
+def audio_options_from_args(args: argparse.Namespace) -> AudioOptions:
+    """The `AudioOptions` the flags describe (--audio); flags of the grid alone are refused."""
+    unused = [name for name in _FIELDS if name not in _AUDIO_FIELDS and getattr(args, name) is not None]
+    if args.target or unused:
+        names = ["target"] * bool(args.target) + unused
+        flags = ", ".join("--" + name.replace("_", "-") for name in names)
+        raise BenchError(f"--audio starts its own server and searches its own counts: drop {flags}")
+    options = AudioOptions(model_dir=args.model)
+    options = replace(options, fine_steps=2, warmup_s=0.5, seconds=3.0) if args.quick else options
+    given = {name: getattr(args, name) for name in _AUDIO_FIELDS if getattr(args, name) is not None}
+    if args.audio_streams is not None:
+        if len(args.audio_streams) != 2:
+            raise BenchError("--audio-streams takes two counts: FIRST,MOST")
+        given |= {"first_streams": args.audio_streams[0], "most_streams": args.audio_streams[1]}
+    return replace(options, **given)
+
+
+def _run_audio(args: argparse.Namespace) -> None:
+    from serving.bench.audio import check_aims, most_held, plot_audio, run_audio
+    from serving.bench.audio_grid import COLUMNS
+    from serving.bench.report import format_row, format_table, write_json
+    from serving.bench.targets import format_checks
+
+    options = audio_options_from_args(args)
+    print(format_table([], COLUMNS), flush=True)  # the header; rows follow as they are measured
+    rows = run_audio(options, on_row=lambda row: print(format_row(row, COLUMNS), flush=True))
+    print("\nthe most streams held (p99 under one window, nothing dropped), and the floor:")
+    print(format_table(list(most_held(rows).values()), COLUMNS))
+    print("\n" + format_checks(check_aims(rows)))
+    if args.json:
+        write_json(rows, args.json)
+    if args.plot:
+        plot_audio(rows, args.plot, options)
 
 
 def _show(values: tuple[object, ...]) -> str:

@@ -71,18 +71,18 @@ async def _drive(service: pb_grpc.ConveyorAsyncStub, feeds: list[_Feed], window:
     # before the next read kept all but 6-8 of 64 sessions on one stream out of the server, waiting here).
     # One session has nothing to overlap: a direct write spares it a hop through that task.
     loop = asyncio.get_running_loop()
-    requests: _Requests[pb.ChunkRequest] | None = _Requests(loop) if len(feeds) > 1 else None
+    requests: Requests[pb.ChunkRequest] | None = Requests(loop) if len(feeds) > 1 else None
     call = service.Stream(requests)
     for feed in feeds:
         await _send(call, requests, feed.next())
     by_key = {feed.key: feed for feed in feeds}
-    async for answer in _answers(call, "chunk"):
+    async for answer in answers(call, "chunk"):
         feed = by_key[answer.request_id]
         window.record(time.perf_counter() - feed.sent_s, feed.credit)
         await _send(call, requests, feed.next())
 
 
-async def _answers(call: grpc.aio.StreamStreamCall, kind: str) -> AsyncIterator[Any]:
+async def answers(call: grpc.aio.StreamStreamCall, kind: str) -> AsyncIterator[Any]:
     """The stream's answers (its responses' `kind` field: chunk, or result); notices are skipped, and an error
     or the stream's end fails the cell."""
     while True:
@@ -97,7 +97,7 @@ async def _answers(call: grpc.aio.StreamStreamCall, kind: str) -> AsyncIterator[
 
 
 async def _send(
-    call: grpc.aio.StreamStreamCall, requests: _Requests[pb.ChunkRequest] | None, request: pb.ChunkRequest
+    call: grpc.aio.StreamStreamCall, requests: Requests[pb.ChunkRequest] | None, request: pb.ChunkRequest
 ) -> None:
     if requests is None:
         await call.write(request)
@@ -105,7 +105,7 @@ async def _send(
         requests.put(request)
 
 
-class _Requests(Generic[_Message]):
+class Requests(Generic[_Message]):
     """One Stream (or Frames) call's requests, as the async iterator grpc writes from (a deque and one
     future: cheaper than an asyncio.Queue)."""
 
@@ -152,12 +152,12 @@ class _FrameFeed:
 
 
 async def _drive_frames(service: pb_grpc.ConveyorAsyncStub, feeds: list[_FrameFeed], window: Window) -> None:
-    requests: _Requests[pb.Frame] = _Requests(asyncio.get_running_loop())
+    requests: Requests[pb.Frame] = Requests(asyncio.get_running_loop())
     call = service.Frames(requests)
     for feed in feeds:
         requests.put(feed.next())
     by_key = {feed.key: feed for feed in feeds}
-    async for result in _answers(call, "result"):
+    async for result in answers(call, "result"):
         if result.errors:
             raise BenchError(f"the server refused a frame's chunk: {result.errors[0].message}")
         if result.more:

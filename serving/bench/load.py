@@ -2,7 +2,7 @@
 
 The parent runs `python -m serving.bench.load JOB_JSON` and reads its stdout: `start` when the measured window
 opens, `stop` when it closes (the parent reads the server's CPU time at each), then one JSON line of results.
-The clients are `serving.bench.drivers`.
+The clients are `serving.bench.drivers`; the audio rows' are `serving.bench.realtime`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from modelcard import ModelSpec
 from serving.bench.drivers import start_drivers
 from serving.bench.grid import BenchError, Cell
-from serving.bench.window import Window
+from serving.bench.window import Window, run_window
 from serving.bench.wire import CHANNEL_OPTIONS, Job, inputs_maker, stub
 from serving.wire import pb
 
@@ -35,43 +36,20 @@ async def _measure_server(job: Job) -> Job:
         make = inputs_maker(info, np.random.default_rng(job.get("seed", 0)))
         window = Window()
         tasks = start_drivers(cell, channels, make, window, job["frames_in_flight"])
-        return await _run_window(tasks, window, job["warmup_s"], job["seconds"])
+        return await run_window(tasks, window, job["warmup_s"], job["seconds"])
     finally:
         for channel in channels:
             await channel.close()
 
 
-async def _run_window(
-    drivers: list[asyncio.Task[None]], window: Window, warmup_s: float, seconds: float
-) -> Job:
-    try:
-        _raise_failed(await asyncio.wait(drivers, timeout=warmup_s, return_when=asyncio.FIRST_COMPLETED))
-        cpu_s = time.process_time()
-        window.open()
-        done = await asyncio.wait(drivers, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        window.close()
-        _raise_failed(done)
-        return window.result(time.process_time() - cpu_s)
-    finally:
-        for driver in drivers:
-            driver.cancel()
-        await asyncio.gather(*drivers, return_exceptions=True)
-
-
-def _raise_failed(waited: tuple[set[asyncio.Task[None]], set[asyncio.Task[None]]]) -> None:
-    for task in waited[0]:
-        task.result()  # a driver only ends by failing: raise its error
-
-
 def _measure_floor(job: Job) -> Job:
-    from modelcard.graph import random_inputs
     from serving.server.onnx_runner import OnnxStepRunner
 
     cell = Cell(**job["cell"])
     runner = OnnxStepRunner.load(Path(job["model_dir"]), intra_op_threads=job["ort_threads"])
     spec = runner.spec
     batch = cell.sessions  # what one frame of every session runs (the batched server splits it at its max)
-    x = random_inputs(spec, batch, cell.chunk_steps, np.random.default_rng(job.get("seed", 0)))
+    x = _runner_inputs(spec, batch, cell.chunk_steps, np.random.default_rng(job.get("seed", 0)))
     states = [np.zeros((batch, spec.state_size), np.float32)]
 
     def step() -> None:  # the server's runner call: the state rows unpacked, ORT run, packed back
@@ -84,6 +62,16 @@ def _measure_floor(job: Job) -> Job:
     _repeat(step, job["seconds"], window, batch, cell.chunk_steps)
     window.close()
     return window.result(time.process_time() - cpu_s, batch=batch)
+
+
+def _runner_inputs(spec: ModelSpec, batch: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """What the server's runner is given for `batch` chunks of `steps` steps; a framed model's steps are
+    windows, each its context and window of samples (the server cuts them from a chunk's samples)."""
+    from modelcard.graph import random_inputs
+
+    if spec.framing is None:
+        return random_inputs(spec, batch, steps, rng)
+    return rng.standard_normal((batch, steps, spec.framing.width), dtype=np.float32)
 
 
 def _repeat(step: Callable[[], None], seconds: float, window: Window, batch: int, steps: int) -> None:
@@ -117,12 +105,17 @@ def run_load(job: Job, on_start: Callable[[], None], on_stop: Callable[[], None]
 
 
 def main(argv: list[str]) -> None:
-    """The load process: run JOB_JSON (kind `cell` or `open`) and print its results as one JSON line."""
+    """The load process: run JOB_JSON (kind `cell`, `open` or `audio`) and print its results as one JSON
+    line."""
     job = json.loads(argv[0])
     if job["kind"] == "open":
         from serving.bench.idle import open_idle
 
         result = asyncio.run(open_idle(job))
+    elif job["kind"] == "audio":
+        from serving.bench.realtime import measure_audio
+
+        result = measure_audio(job)
     elif Cell(**job["cell"]).mode == "ort_floor":
         result = _measure_floor(job)
     else:

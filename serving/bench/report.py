@@ -6,11 +6,21 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
+from serving.bench.audio_grid import Column
 from serving.bench.grid import Row
 
+
+class Tabular(Protocol):
+    """A row of a table: the grid's `Row`, or the audio rows' `AudioRow`."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as a JSON object, keyed as its table's columns."""
+
+
 # (row key, title, width, format suffix); the first column is left-aligned, the rest right.
-_COLUMNS = (
+ROW_COLUMNS: tuple[Column, ...] = (
     ("mode", "mode", 10, ""),
     ("sessions", "sessions", 8, "d"),
     ("chunk_steps", "chunk", 5, "d"),
@@ -26,28 +36,29 @@ _COLUMNS = (
 )
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    """A fixed-width table: one line per row; CPU columns in CPU seconds per 1000 timesteps."""
-    header = " ".join(_align(i, title, width) for i, (_, title, width, _) in enumerate(_COLUMNS))
-    return "\n".join([header, *(format_row(row) for row in rows)])
+def format_table(rows: Sequence[Tabular], columns: Sequence[Column] = ROW_COLUMNS) -> str:
+    """A fixed-width table: one line per row (the grid's CPU columns in CPU seconds per 1000 timesteps)."""
+    header = " ".join(_align(i, title, width) for i, (_, title, width, _) in enumerate(columns))
+    return "\n".join([header, *(format_row(row, columns) for row in rows)])
 
 
-def format_row(row: Row) -> str:
-    """One line of the table; `-` where a figure is missing."""
+def format_row(row: Tabular, columns: Sequence[Column] = ROW_COLUMNS) -> str:
+    """One line of the table; `-` where a figure is missing, yes or no for a flag."""
     values = row.to_json()
     cells = []
-    for i, (key, _, width, suffix) in enumerate(_COLUMNS):
+    for i, (key, _, width, suffix) in enumerate(columns):
         value = values[key]
         missing = value is None or (isinstance(value, float) and math.isnan(value))
-        cells.append(_align(i, "-" if missing else format(value, suffix), width))
-    return " ".join(cells)
+        text = "-" if missing else format(value, suffix)
+        cells.append(_align(i, ("yes" if value else "no") if isinstance(value, bool) else text, width))
+    return " ".join(cells).rstrip()  # a last column of text (the audio rows' note) may be empty
 
 
 def _align(index: int, text: str, width: int) -> str:
     return text.ljust(width) if index == 0 else text.rjust(width)
 
 
-def write_json(rows: Sequence[Row], path: Path) -> None:
+def write_json(rows: Sequence[Tabular], path: Path) -> None:
     """The rows as a JSON list of objects (NaN and missing figures as null)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = [{k: _finite(v) for k, v in row.to_json().items()} for row in rows]
@@ -61,11 +72,7 @@ def _finite(value: object) -> object:
 def plot(rows: Sequence[Row], path: Path) -> None:
     """Throughput, p99 latency and server CPU per 1000 timesteps against sessions: a row of panels per chunk
     length, one line per mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     lengths = sorted({row.chunk_steps for row in rows})
     colors = {label: f"C{i % 10}" for i, label in enumerate(_series(rows))}  # a mode's color in every panel
     figure, axes = plt.subplots(len(lengths), 3, figsize=(18, 4.5 * len(lengths)), squeeze=False)
@@ -91,10 +98,25 @@ def plot(rows: Sequence[Row], path: Path) -> None:
             )
             axis.grid(True, which="both", alpha=0.3)
         throughput.legend(fontsize=8)
+    save(figure, path)
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only (imported here: only a plot needs it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(figure: Any, path: Path) -> None:
+    """Write `figure` as a PNG at `path`, and free it."""
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
-    plt.close(figure)
+    pyplot().close(figure)
 
 
 def _series(rows: Sequence[Row]) -> dict[str, list[Row]]:

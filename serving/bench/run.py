@@ -39,7 +39,7 @@ def run_bench(options: BenchOptions, on_row: Callable[[Row], None] | None = None
             key = _host_key(cell.mode, options)
             if key not in hosts:
                 hosts[key] = stack.enter_context(_host_for(key, options))
-            passes[cell].append(_measure(cell, hosts[key], options))
+            passes[cell].append(measure_cell(cell, hosts[key], options))
             if on_row is not None:
                 on_row(passes[cell][-1])
     return [_median(passes[cell]) for cell in cells]
@@ -81,7 +81,7 @@ def _host_for(key: tuple[str, int, str], options: BenchOptions) -> AbstractConte
     return hosting(HostSpec(kind, options.model_dir, config))
 
 
-class _Probe:
+class Probe:
     """Reads the server's CPU time and batch totals as the load's measured window opens and closes."""
 
     def __init__(self, host: Host | None) -> None:
@@ -112,7 +112,8 @@ class _Probe:
         self.batches.append(self._host.batch_totals() if self._host else None)
 
 
-def _measure(cell: Cell, host: Host | None, options: BenchOptions) -> Row:
+def measure_cell(cell: Cell, host: Host | None, options: BenchOptions) -> Row:
+    """One pass of `cell` against `host` (None: ort_floor, in the load process): its row."""
     job: Job = {
         "kind": "cell",
         "cell": asdict(cell),
@@ -124,7 +125,7 @@ def _measure(cell: Cell, host: Host | None, options: BenchOptions) -> Row:
         "max_batch_size": options.max_batch_size,
         "frames_in_flight": options.frames_in_flight,
     }
-    probe = _Probe(host)
+    probe = Probe(host)
     result = run_load(job, probe.start, probe.stop)
     steps, seconds = result["steps"], result["seconds"]
     in_process = cell.mode == "ort_floor"  # ORT ran in the load process: its CPU is the "server" CPU
