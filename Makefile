@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SRC := modelcard training export serving tests scripts
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-vad test services fuzz bench e2e-compose lint typecheck proto proto-check train export experiment experiment-quick serve clean
+.PHONY: help setup demo demo-vad test services triton-client fuzz bench e2e-compose lint typecheck proto proto-check train export experiment experiment-quick serve clean
 
 help: ## List what you can do
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -54,6 +54,27 @@ services: ## Install Prometheus, redis-server, nginx, espeak-ng and sox from Deb
 		{ apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; } \
 			|| echo "could not install$$missing: the tests that need it will be skipped"; \
 	fi
+
+# Triton's own clients, to drive the Open Inference Protocol side as Triton's users would: tritonclient 2.51
+# needs numpy<2 and protobuf<5, which .venv cannot have, so it lives in a venv of its own. Its wheel bundles
+# perf_analyzer, a binary linked against libb64 (Debian) and libcudart.so.12 (the nvidia-cuda-runtime-cu12
+# wheel; loaded even with no GPU): scripts/perf_analyzer.py finds both.
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+TRITON_PINS := 'tritonclient[grpc]==2.51.0' numpy==1.26.4 protobuf==4.25.9 grpcio==1.85.1 \
+	nvidia-cuda-runtime-cu12==12.6.77
+
+# Rebuilt when the Makefile changes, since the pins live here; pip makes a rerun cheap.
+$(TRITON_STAMP): Makefile
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/pip install --quiet $(TRITON_PINS)
+	touch $(TRITON_STAMP)
+
+triton-client: $(TRITON_STAMP) ## Create .venv-triton (tritonclient, perf_analyzer) and install libb64 when missing
+	@PATH="$$PATH:/sbin:/usr/sbin" ldconfig -p | grep -q 'libb64\.so\.0d' \
+		|| { apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null; } \
+		|| echo "could not install libb64-0d: perf_analyzer will not start (tritonclient still works)"
 
 # The benchmark's model: the sensor task widened to 256 hidden units, the size the throughput targets were
 # written for (ONNX Runtime: ~22k steps/s one row at a time, ~140k in batches of 64). Speed does not depend
@@ -104,5 +125,5 @@ experiment-quick: $(STAMP) ## A reduced gap sweep: smaller search, G = 1-50, one
 serve: $(STAMP) ## Serve artifacts/language on :50051 (metrics on :9100)
 	$(BIN)/conveyor serve --model artifacts/language --port 50051 --metrics-port 9100
 
-clean: ## Remove .venv, caches and generated artifacts
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts
+clean: ## Remove .venv, .venv-triton, caches and generated artifacts
+	rm -rf $(VENV) $(TRITON_VENV) .mypy_cache .ruff_cache .pytest_cache artifacts
