@@ -38,7 +38,7 @@ $(SPEECH): $(STAMP) services
 demo-vad: $(VAD_MODEL)/model.json $(SPEECH) ## silero VAD: stream 30 s of espeak-ng speech as a call would, print the segments
 	$(BIN)/conveyor vad $(SPEECH) --model $(VAD_MODEL)
 
-test: $(STAMP) services proto-check lint typecheck ## Run the test suite, ruff and mypy
+test: $(STAMP) services triton-client proto-check lint typecheck ## Run the test suite, ruff and mypy
 	$(BIN)/pytest
 
 # Tests start their own Prometheus (rule tests, dashboard queries), redis-server (durable sessions) and nginx

@@ -13,6 +13,10 @@ Scenarios and their input file:
   client.infer calls in order, the first with sequence_start, the last with sequence_end.
 - stream: the same sequences, all interleaved on one start_stream / async_stream_infer stream: chunk k of
   every sequence is sent before chunk k+1 of any.
+- failover: the stream scenario in rounds (round k: chunk k of every sequence, all answered before round k+1),
+  each request carrying its sequence_offset; after round --pause-after it prints "paused" and waits for a
+  line on stdin (a test kills the replica then). A stream that breaks is started again, and the round's
+  unanswered requests are resent with the same offsets: exactly-once on whichever replica answers.
 - errors: a list of cases, each one client.infer call meant to fail: {"name": str, "inputs": the whole
   tensor, batch first, "dtype": str, optional "sequence_id" (none sent when absent), "start" (default true),
   "end" (default false), "input_name" (default the model's), "shape" (a declared shape other than the
@@ -20,9 +24,9 @@ Scenarios and their input file:
 
 Output: {"sequences": {key: [rows of y, [time][outputs], or null when no result came, one per chunk]},
 "errors": [{"sequence", "chunk", "request_id" (unary) or "name" (errors), "status", "message"}],
-"ids": [the response ids in the order they arrived]}. A sequence's key is its id as JSON text (json.dumps),
-so int 5 ("5") and string "5" ('"5"') stay two sequences, as they are on the server. Request ids are
-"<sequence's index>/<chunk>".
+"ids": [the response ids in the order they arrived], "restarts": streams started again (failover only)}.
+A sequence's key is its id as JSON text (json.dumps), so int 5 ("5") and string "5" ('"5"') stay two
+sequences, as they are on the server. Request ids are "<sequence's index>/<chunk>".
 
 tritonclient hands a stream's in-band error to the callback as a bare message, with no status and no request
 id (it builds InferenceServerException from error_message alone), so a stream's errors cannot be tied to
@@ -36,6 +40,7 @@ import itertools
 import json
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,6 +179,35 @@ class Collector:
                 self.done.set()
 
 
+class Rounds:
+    """The failover scenario's callback: answers by request id, and whether the stream broke."""
+
+    def __init__(self, output: str) -> None:
+        self.record, self.output = Record(), output
+        self.changed = threading.Condition()
+        self.broken = False
+
+    def __call__(self, result: Any, error: Any) -> None:
+        with self.changed:
+            if error is None:
+                self.record.add_result(result, self.output)
+            elif error.status() is None:  # in band: a request refused, the stream goes on
+                self.record.errors.append(describe(error))
+            else:
+                self.broken = True
+            self.changed.notify_all()
+
+    def unanswered(self, ids: list[str]) -> list[str]:
+        return [i for i in ids if i not in self.record.results]
+
+    def wait(self, ids: list[str], timeout: float) -> None:
+        """Until every id is answered, the stream breaks, a request is refused, or `timeout`."""
+        with self.changed:
+            self.changed.wait_for(
+                lambda: self.broken or self.record.errors or not self.unanswered(ids), timeout
+            )
+
+
 def send_round_robin(
     client: Any, model: str, input_name: str, sequences: list[Sequence], plans: list[list[tuple[int, int]]]
 ) -> None:
@@ -212,6 +246,52 @@ def run_stream(
         return collector.record.to_json(sequences)
 
 
+def send_round(
+    client: Any, model: str, input_name: str, round_: list[tuple[Sequence, int, tuple[int, int]]]
+) -> None:
+    for sequence, k, span in round_:
+        client.async_stream_infer(
+            model,
+            chunk_inputs(sequence, span, input_name),
+            request_id=sequence.request_id(k),
+            sequence_id=sequence.id,
+            sequence_start=k == 0,
+            sequence_end=span[1] == len(sequence.inputs),
+            parameters={"sequence_offset": span[0]},
+        )
+
+
+def run_failover(
+    client: Any, args: argparse.Namespace, names: tuple[str, str], items: list[Any]
+) -> dict[str, Any]:
+    sequences = load_sequences(items)
+    plans = [s.spans() for s in sequences]
+    rounds, restarts = Rounds(names[1]), 0
+    client.start_stream(callback=rounds, headers=args.headers)
+    for k in range(max(map(len, plans), default=0)):
+        round_ = [(s, k, spans[k]) for s, spans in zip(sequences, plans, strict=True) if k < len(spans)]
+        ids = [s.request_id(k) for s, _, _ in round_]
+        for _ in range(args.attempts):
+            left = set(rounds.unanswered(ids))
+            if not left or rounds.record.errors:
+                break
+            try:
+                send_round(client, args.model, names[0], [r for r in round_ if r[0].request_id(k) in left])
+            except InferenceServerException:  # the stream had already broken: tritonclient sends no more
+                rounds.broken = True
+            rounds.wait(ids, args.timeout)
+            if rounds.broken:  # a new stream, which the proxy routes to a live replica
+                client.stop_stream(cancel_requests=True)
+                time.sleep(0.2)
+                rounds.broken, restarts = False, restarts + 1
+                client.start_stream(callback=rounds, headers=args.headers)
+        if k + 1 == args.pause_after:
+            print("paused", flush=True)
+            sys.stdin.readline()
+    client.stop_stream()
+    return rounds.record.to_json(sequences) | {"restarts": restarts}
+
+
 def run_case(client: Any, args: argparse.Namespace, input_name: str, case: dict[str, Any]) -> dict[str, Any]:
     data = np.asarray(case["inputs"], triton_to_np_dtype(case["dtype"]))
     tensor = make_input(case.get("input_name", input_name), data, case["dtype"], case.get("shape"))
@@ -241,7 +321,7 @@ def run_errors(
     return {"sequences": {}, "errors": errors, "ids": []}
 
 
-SCENARIOS = {"unary": run_unary, "stream": run_stream, "errors": run_errors}
+SCENARIOS = {"unary": run_unary, "stream": run_stream, "failover": run_failover, "errors": run_errors}
 
 
 def io_names(client: Any, model: str) -> tuple[str, str]:
@@ -268,6 +348,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--header", action="append", type=parse_header, default=[], help="'name: value'")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a stream's answers")
+    parser.add_argument("--pause-after", type=int, default=0, help="failover: the round to pause after")
+    parser.add_argument("--attempts", type=int, default=5, help="failover: streams tried per round")
     args = parser.parse_args(argv)
     args.headers = dict(args.header) or None
     return args

@@ -129,6 +129,12 @@ class ServerProcess:
         """Its /metrics."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
+    def chunks_answered(self) -> float:
+        """Chunks it has answered, from its /metrics: the replica a proxy routed a stream to answers them."""
+        from serving.client.scrape import scrape
+
+        return scrape(self.metrics_url).total("conveyor_chunk_latency_seconds_count")
+
     def rss_bytes(self) -> int:
         """The process's resident memory."""
         assert self.process is not None

@@ -21,7 +21,6 @@ from serving_harness import assert_close, assert_error, make_inputs, offline, re
 
 from serving.client import ConveyorClient
 from serving.client.core import ROUTE_HEADER
-from serving.client.scrape import scrape
 from serving.server.app import RunningServer
 from serving.wire import oip, oip_grpc
 
@@ -307,7 +306,7 @@ def test_a_v2_sequence_outlives_kill_9_of_its_replica(token_artifact: Path, tmp_
         pieces = []
         for offset in range(0, len(x), 4):
             if offset == 20:
-                max((one, two), key=_answered).kill()
+                max((one, two), key=ServerProcess.chunks_answered).kill()
             request = infer(x[offset : offset + 4], 31337, start=offset == 0, offset=offset)
             pieces.append(output(_with_retries(routed, request)))
         assert one.process is None or two.process is None
@@ -329,7 +328,3 @@ def _with_retries(
                 raise
             time.sleep(0.1)
     raise AssertionError("no replica answered")
-
-
-def _answered(replica: ServerProcess) -> float:
-    return scrape(replica.metrics_url).total("conveyor_chunk_latency_seconds_count")

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from local_services import RedisServer, ServerProcess, conveyor_process, nginx_proxy, redis_server
+from local_services import RedisServer, conveyor_process, nginx_proxy, redis_server
 from serving_harness import assert_close, make_inputs, offline
 
 from serving.client import AsyncConveyorClient, ClientOptions, RetryPolicy
 from serving.client.core import ROUTE_HEADER
-from serving.client.scrape import scrape
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,11 +31,6 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     (tmp_path / "redis").mkdir()
     with redis_server(tmp_path / "redis", durable=True) as server:
         yield server
-
-
-def _chunks_answered(replica: ServerProcess) -> float:
-    metrics = scrape(f"http://127.0.0.1:{replica.metrics_port}/metrics")
-    return metrics.total("conveyor_chunk_latency_seconds_count")
 
 
 async def _stream_all(
@@ -87,7 +81,7 @@ def test_a_replica_killed_mid_stream_leaves_every_session_to_the_survivor(
                 _stream_all(f"127.0.0.1:{proxy_port}", sequences, started, 0.01)
             )
             await asyncio.wait_for(started.wait(), 60)
-            answered = {replica: _chunks_answered(replica) for replica in (one, two)}
+            answered = {replica: replica.chunks_answered() for replica in (one, two)}
             owner = max(answered, key=answered.__getitem__)
             assert min(answered.values()) == 0, answered  # one stream, one replica: affinity
             owner.kill()  # mid-stream: every session has steps left
@@ -95,7 +89,7 @@ def test_a_replica_killed_mid_stream_leaves_every_session_to_the_survivor(
 
         streamed = asyncio.run(scenario())
         survivor = two if one.process is None else one
-        assert _chunks_answered(survivor) > 0
+        assert survivor.chunks_answered() > 0
     for session_id, x in sequences.items():
         assert_close(streamed[session_id], offline(token_artifact, x))
 

@@ -30,7 +30,6 @@ from modelcard.adopt import AdoptError, Described, Naming, adopt
 from serving.cli.speak import SpeakError, speak
 from serving.cli.vad import VadError, VadOptions, run_vad
 from serving.client import AsyncConveyorClient, ClientOptions, ConveyorClient, RetryPolicy
-from serving.client.scrape import scrape
 from serving.client.speech import read_wav, speech_segments
 from serving.domain.errors import ModelLoadError
 from serving.server.app import RunningServer
@@ -383,8 +382,9 @@ def test_a_call_outlives_the_replica_killed_mid_file(
             async with client, client.session() as session:
                 for first in range(0, len(samples), 320):
                     if first == 10 * 16000:
-                        owner = max((one, two), key=_answered)
-                        assert _answered(one) * _answered(two) == 0  # affinity: one replica had it all
+                        owner = max((one, two), key=ServerProcess.chunks_answered)
+                        # affinity: one replica had it all
+                        assert one.chunks_answered() * two.chunks_answered() == 0
                         owner.kill()
                     outputs.append(await session.send(samples[first : first + 320, None]))
             return np.concatenate(outputs)[:, 0]
@@ -392,9 +392,5 @@ def test_a_call_outlives_the_replica_killed_mid_file(
         served = asyncio.run(call())
         survivor = two if one.process is None else one
         assert one.process is None or two.process is None
-        assert _answered(survivor) > 0
+        assert survivor.chunks_answered() > 0
     assert float(np.max(np.abs(served - silero_streaming(samples, 16000)))) <= TOLERANCE
-
-
-def _answered(replica: ServerProcess) -> float:
-    return scrape(replica.metrics_url).total("conveyor_chunk_latency_seconds_count")
