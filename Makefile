@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SRC := modelcard training export serving tests scripts
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-vad test services triton-client fuzz bench e2e-compose lint typecheck proto proto-check train export experiment experiment-quick serve clean
+.PHONY: help setup demo demo-vad test services triton-client fuzz bench bench-triton e2e-compose lint typecheck proto proto-check train export experiment experiment-quick serve clean
 
 help: ## List what you can do
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -87,6 +87,10 @@ $(BENCH_MODEL)/model.onnx: $(STAMP)
 
 bench: $(BENCH_MODEL)/model.onnx ## Quick benchmark of the 256-unit bench model: table, JSON + PNG under reports/bench/
 	$(BIN)/conveyor bench --quick --model $(BENCH_MODEL) --json reports/bench/quick.json --plot reports/bench/quick.png
+
+bench-triton: $(BENCH_MODEL)/model.onnx triton-client ## perf_analyzer (v2 unary, streaming) and the native bench against one server
+	$(BIN)/python scripts/bench_triton.py --model $(BENCH_MODEL) --json reports/bench/triton/rows.json \
+		--plot reports/bench/triton/rows.png | tee reports/bench/triton/rows.txt
 
 e2e-compose: $(STAMP) ## Offline compose end to end: images, train, serve, stream the story, scrape (root; ~20 min cold)
 	scripts/e2e_compose.sh
