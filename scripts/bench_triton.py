@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from serving.bench.grid import BenchOptions, Cell, Row
-from serving.bench.host import Host, HostSpec, hosting
+from serving.bench.host import Host, HostSpec, hosting, runner_config
 from serving.bench.report import format_row, format_table, plot, write_json
 from serving.bench.run import Probe, measure_cell
 
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
     levels = [int(word) for word in args.concurrency.split(",")]
     options = BenchOptions(model_dir=args.model, max_batch_size=MAX_BATCH, seconds=args.seconds)
     name = json.loads((args.model / "model.json").read_text())["name"]  # the model's name on the v2 side
-    config = {"max_batch_size": MAX_BATCH, "ort_intra_op_threads": options.ort_threads, "store": "memory"}
+    config = {"max_batch_size": MAX_BATCH, "store": "memory"} | runner_config(options.ort_threads, 1)
     rows: list[Row] = []
     print(format_table([]), flush=True)
     with hosting(HostSpec("server", args.model, config)) as host:

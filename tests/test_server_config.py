@@ -28,6 +28,7 @@ def test_every_field_has_a_conveyor_variable() -> None:
         "CONVEYOR_REPLAY_WINDOW_S": "10",
         "CONVEYOR_MAX_INFLIGHT_PER_STREAM": "64",
         "CONVEYOR_ORT_INTRA_OP_THREADS": "2",
+        "CONVEYOR_ORT_PARALLEL_CALLS": "3",
         "CONVEYOR_GRACE_S": "3",
         "CONVEYOR_STORE": "redis://sessions:6379/2",
         "CONVEYOR_TLS_CERT": "/certs/server.pem",
@@ -50,6 +51,7 @@ def test_every_field_has_a_conveyor_variable() -> None:
     )
     assert (config.max_delay_ms, config.idle_ttl_s, config.grace_s) == (0.5, 30.0, 3.0)
     assert config.evict_lru_at_capacity is True and config.ort_intra_op_threads == 2
+    assert config.ort_parallel_calls == 3
     assert config.inline_batch_max_ms == 0
     assert config.store == "redis://sessions:6379/2"
     assert (config.tls_cert, config.tls_key, config.tls_client_ca) == (

@@ -27,7 +27,7 @@ from modelcard import CARD_FILE, spec_from_card
 from modelcard.framing import Framing
 from serving.bench.audio_grid import AUDIO_MODES, AudioOptions, AudioRow
 from serving.bench.grid import BenchError, BenchOptions, Cell, require_model
-from serving.bench.host import Host, HostSpec, hosting
+from serving.bench.host import Host, HostSpec, hosting, runner_config
 from serving.bench.load import run_load
 from serving.bench.report import pyplot, save
 from serving.bench.run import Probe, measure_cell
@@ -53,7 +53,8 @@ def run_audio(options: AudioOptions, on_row: Callable[[AudioRow], None] | None =
     def points(mode: str, host: Host | None) -> Callable[[int], AudioRow]:
         return lambda streams: kept(_point(mode, streams, framing, options, host))
 
-    config = {"max_batch_size": options.max_batch_size, "ort_intra_op_threads": options.ort_threads}
+    config = {"max_batch_size": options.max_batch_size}
+    config |= runner_config(options.ort_threads, options.ort_parallel_calls)
     with hosting(HostSpec("server", options.model_dir, config)) as host:
         for mode in (mode for mode in options.modes if mode in _SERVED):
             search(points(mode, host), options)
@@ -153,6 +154,7 @@ def _floor(rows: Sequence[AudioRow], framing: Framing, options: AudioOptions) ->
         warmup_s=options.warmup_s,
         seconds=options.seconds,
         ort_threads=options.ort_threads,
+        ort_parallel_calls=options.ort_parallel_calls,
     )
     row = measure_cell(Cell("ort_floor", batch, 1, 0, 0), None, bench)  # one window per row and call
     windows_per_stream_s = options.rate / framing.window
@@ -169,7 +171,8 @@ def _floor(rows: Sequence[AudioRow], framing: Framing, options: AudioOptions) ->
         mean_batch=row.mean_batch,
         windows=row.chunks,
         seconds=row.seconds,
-        note=f"batches of {batch} windows ({source}), {options.ort_threads} thread",
+        note=f"batches of {batch} windows ({source}), {options.ort_threads} thread, "
+        f"{options.ort_parallel_calls} call(s) at once",
     )
 
 

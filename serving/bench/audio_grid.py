@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.bench.grid import BenchError
+from serving.server.config import ServerConfig
 
 Column = tuple[str, str, int, str]  # as serving.bench.report's: (row key, title, width, format suffix)
 
@@ -44,6 +45,7 @@ class AudioOptions:
     channels: int = 16  # the stream mode's connections
     max_batch_size: int = 64  # the server's
     ort_threads: int = 1  # the server's, and the floor's
+    ort_parallel_calls: int = ServerConfig.ort_parallel_calls  # the server's, and the floor's
     chunk: int = 320  # samples per chunk: 20 ms
     rate: int = 16000  # samples per second
 

@@ -29,9 +29,10 @@ _FIELDS = (
     "max_batch_size",
     "repeats",
     "store",
+    "ort_parallel_calls",
 )
 # The ones that also set --audio's options.
-_AUDIO_FIELDS = ("modes", "channels", "seconds", "warmup_s", "max_batch_size")
+_AUDIO_FIELDS = ("modes", "channels", "seconds", "warmup_s", "max_batch_size", "ort_parallel_calls")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seconds", type=float, help=f"measured per cell (default {full.seconds}; quick {fast.seconds})")
     add("--warmup-s", type=float, help=f"warm-up per cell (default {full.warmup_s}; quick {fast.warmup_s})")
     add("--max-batch-size", type=int, help=f"the batched server's (default {full.max_batch_size})")
+    add(
+        "--ort-parallel-calls",
+        type=int,
+        help=f"the server's ort_parallel_calls, and the floor's (default {full.ort_parallel_calls})",
+    )
     add("--repeats", type=int, help="passes over the grid; each figure is the median (default 1)")
     add("--store", help="a Redis URL: also run the durable mode, the server with its sessions there")
     add("--json", type=Path, help="write the rows (or the --memory result) as JSON here")

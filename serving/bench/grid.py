@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from serving.server.config import ServerConfig
+
 MODES = ("batched", "one_stream", "frames", "durable", "unbatched", "stateless", "ort_floor", "echo")
 # The modes that can drive a server started elsewhere.
 SERVER_MODES = ("batched", "one_stream", "frames", "stateless")
@@ -53,6 +55,7 @@ class BenchOptions:
     seconds: float = 4.0  # measured per cell
     max_batch_size: int = 64  # the batched server's
     ort_threads: int = 1  # the server's ort_intra_op_threads, and ort_floor's
+    ort_parallel_calls: int = ServerConfig.ort_parallel_calls  # the server's, and ort_floor's
     repeats: int = 1  # passes over the grid; each figure is the median of its passes
     store: str | None = None  # a Redis URL: adds the durable mode (its sessions in that store)
 
@@ -64,9 +67,13 @@ class BenchOptions:
             raise BenchError(f"unknown modes {sorted(unknown)}: choose from {', '.join(MODES)}")
         counts = (*self.sessions, *self.chunk_steps, *self.histories, *self.stateless_sessions)
         counts += (*self.one_stream_sessions, *self.frame_sessions, self.frames_in_flight)
-        if min(counts, default=1) < 1 or min(self.channels, self.max_batch_size, self.repeats) < 1:
+        if (
+            min(counts, default=1) < 1
+            or min(self.channels, self.max_batch_size, self.repeats, self.ort_parallel_calls) < 1
+        ):
             raise BenchError(
-                "sessions, chunk steps, histories, frames in flight, channels, batch sizes, repeats: >= 1"
+                "sessions, chunk steps, histories, frames in flight, channels, batch sizes, repeats, "
+                "parallel calls: >= 1"
             )
         if self.seconds <= 0 or self.warmup_s < 0:
             raise BenchError("--seconds must be > 0 and the warm-up >= 0")

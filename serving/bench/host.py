@@ -64,6 +64,11 @@ class Host:
         return metrics.total("conveyor_batch_size_sum"), metrics.total("conveyor_batch_size_count")
 
 
+def runner_config(intra_op_threads: int, parallel_calls: int) -> dict[str, Any]:
+    """The server's ONNX Runtime settings, as a host spec's config takes them."""
+    return {"ort_intra_op_threads": intra_op_threads, "ort_parallel_calls": parallel_calls}
+
+
 @contextmanager
 def hosting(spec: HostSpec | None, target: str | None = None) -> Iterator[Host]:
     """A started host for `spec` (stopped on exit), or a `target` someone else runs."""

@@ -46,7 +46,9 @@ def _measure_floor(job: Job) -> Job:
     from serving.server.onnx_runner import OnnxStepRunner
 
     cell = Cell(**job["cell"])
-    runner = OnnxStepRunner.load(Path(job["model_dir"]), intra_op_threads=job["ort_threads"])
+    runner = OnnxStepRunner.load(
+        Path(job["model_dir"]), intra_op_threads=job["ort_threads"], parallel_calls=job["ort_parallel_calls"]
+    )
     spec = runner.spec
     batch = cell.sessions  # what one frame of every session runs (the batched server splits it at its max)
     x = _runner_inputs(spec, batch, cell.chunk_steps, np.random.default_rng(job.get("seed", 0)))

@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from serving.bench.grid import BenchOptions, Cell, Row, plan, require_model
-from serving.bench.host import Host, HostSpec, hosting
+from serving.bench.host import Host, HostSpec, hosting, runner_config
 from serving.bench.load import run_load
 from serving.bench.wire import Job
 
@@ -77,7 +77,8 @@ def _host_for(key: tuple[str, int, str], options: BenchOptions) -> AbstractConte
     assert options.model_dir is not None  # BenchOptions checks: a model or a target
     config: dict[str, Any] = {}
     if batch:
-        config = {"max_batch_size": batch, "ort_intra_op_threads": options.ort_threads, "store": store}
+        config = {"max_batch_size": batch, "store": store}
+        config |= runner_config(options.ort_threads, options.ort_parallel_calls)
     return hosting(HostSpec(kind, options.model_dir, config))
 
 
@@ -122,6 +123,7 @@ def measure_cell(cell: Cell, host: Host | None, options: BenchOptions) -> Row:
         "warmup_s": options.warmup_s,
         "seconds": options.seconds,
         "ort_threads": options.ort_threads,
+        "ort_parallel_calls": options.ort_parallel_calls,
         "max_batch_size": options.max_batch_size,
         "frames_in_flight": options.frames_in_flight,
     }

@@ -132,7 +132,11 @@ def build_server(
     for tests). Raises `ModelLoadError` when the model cannot be served, `StoreUnavailableError` when the
     session store cannot be reached, `OSError` or `RuntimeError` when a port is taken.
     """
-    runner = runner or OnnxStepRunner.load(config.model_dir, intra_op_threads=config.ort_intra_op_threads)
+    runner = runner or OnnxStepRunner.load(
+        config.model_dir,
+        intra_op_threads=config.ort_intra_op_threads,
+        parallel_calls=config.ort_parallel_calls,
+    )
     registry = registry or process_registry()
     started: concurrent.futures.Future[tuple[_App, asyncio.AbstractEventLoop]] = concurrent.futures.Future()
     thread = threading.Thread(

@@ -4,7 +4,9 @@ signature, and that it streams), runs batches."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
@@ -16,17 +18,26 @@ from modelcard.graph import Graph, GraphMismatchError, NotStreamableError, check
 from serving.domain.errors import ModelLoadError
 from serving.domain.runner import Arrays
 
+# A batch smaller than this runs as one call whatever `parallel_calls` says: halves of a small batch gain
+# less than the hand-off to another thread costs.
+MIN_SPLIT_ROWS = 32
+
 
 class OnnxStepRunner:
     """Owns one `onnxruntime.InferenceSession`, validated and warmed up before it serves."""
 
-    def __init__(self, session: ort.InferenceSession, spec: ModelSpec) -> None:
+    def __init__(self, session: ort.InferenceSession, spec: ModelSpec, parallel_calls: int = 1) -> None:
         self._graph = Graph(session, spec)
         self.spec = spec
+        self._parallel_calls = parallel_calls
+        # The calling thread runs the first part; ORT releases the GIL, so the others run beside it.
+        self._helpers = ThreadPoolExecutor(parallel_calls - 1) if parallel_calls > 1 else None
 
     @classmethod
-    def load(cls, model_dir: Path, *, intra_op_threads: int = 1) -> Self:
+    def load(cls, model_dir: Path, *, intra_op_threads: int = 1, parallel_calls: int = 1) -> Self:
         """Load `model_dir`'s model.onnx + model.json, verify the fingerprint and signature, and warm up.
+        `parallel_calls`: a batch of at least MIN_SPLIT_ROWS rows runs as that many calls at once, each on
+        its part of the rows.
 
         Raises `ModelLoadError` with a message fit to print when the server must refuse to start.
         """
@@ -41,13 +52,25 @@ class OnnxStepRunner:
             raise ModelLoadError(
                 f"{CARD_FILE} fingerprint does not match {ONNX_FILE} in {model_dir}: run conveyor export"
             )
-        runner = cls(_open_session(onnx_bytes, model_dir, intra_op_threads), spec)
+        runner = cls(_open_session(onnx_bytes, model_dir, intra_op_threads), spec, parallel_calls)
         runner._check(model_dir)
         return runner
 
     def run(self, x: np.ndarray, states: np.ndarray) -> Arrays:
-        """One ORT call for the whole batch, the state rows unpacked into the graph's state tensors and the
-        new ones packed back (one copy each way)."""
+        """The batch's outputs and new state rows: one ORT call, or (a large batch, `parallel_calls` > 1) one
+        call per part of its rows, at once. Rows are independent sequences, so the parts' results joined are
+        the whole batch's."""
+        if self._helpers is None or len(x) < MIN_SPLIT_ROWS:
+            return self._run_rows(x, states)
+        bounds = np.linspace(0, len(x), self._parallel_calls + 1).astype(int).tolist()
+        parts = [(x[a:b], states[a:b]) for a, b in itertools.pairwise(bounds)]
+        others = [self._helpers.submit(self._run_rows, *part) for part in parts[1:]]
+        results = [self._run_rows(*parts[0]), *(future.result() for future in others)]
+        return np.concatenate([y for y, _ in results]), np.concatenate([rows for _, rows in results])
+
+    def _run_rows(self, x: np.ndarray, states: np.ndarray) -> Arrays:
+        """One ORT call, the state rows unpacked into the graph's state tensors and the new ones packed back
+        (one copy each way)."""
         layout = self.spec.layout
         y, *new_states = self._graph.run(x, layout.unpack(states))
         return y, layout.pack(new_states, len(x))
