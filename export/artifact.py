@@ -27,7 +27,7 @@ def export_artifact(directory: Path, *, tolerance: float = TOLERANCE, seed: int 
     """
     checkpoint = _load(directory)
     card = describe(checkpoint, directory.resolve().name)
-    samples = _task_sequences(checkpoint.task.name, seed)
+    samples = checkpoint.samples or _task_sequences(checkpoint.task.name, seed)
     return export_verified(checkpoint.model, card, directory, samples, tolerance, seed)
 
 

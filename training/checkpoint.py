@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from training.model import ModelConfig, SequenceModel
@@ -36,6 +38,9 @@ class Checkpoint:
     task: TaskInfo
     step: int
     metrics: dict[str, Any]
+    # Real inputs of the task ([T] ids or [T, F] features), which export verifies the graph on; empty in
+    # checkpoints written before they were kept (export then samples the task again).
+    samples: list[np.ndarray]
 
 
 def save_checkpoint(
@@ -45,8 +50,10 @@ def save_checkpoint(
     task: TaskInfo,
     step: int,
     metrics: dict[str, Any],
+    samples: Sequence[np.ndarray] = (),
 ) -> Path:
-    """Write `directory/checkpoint.pt` (creating the directory) and return its path."""
+    """Write `directory/checkpoint.pt` (creating the directory) and return its path; `samples`: real inputs
+    for export to verify the graph on."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_FILE
     payload = {
@@ -55,6 +62,7 @@ def save_checkpoint(
         "task": asdict(task),
         "step": step,
         "metrics": metrics,
+        "samples": [torch.from_numpy(np.ascontiguousarray(sample)) for sample in samples],
     }
     # Write then rename, so an interrupted save never leaves a truncated checkpoint behind.
     tmp = path.with_suffix(".pt.tmp")
@@ -91,7 +99,8 @@ def _from_payload(payload: Any) -> Checkpoint:
     model = SequenceModel(config)
     model.load_state_dict(payload["model"])  # strict: a mismatch is an error, not a partial load
     model.eval()
-    return Checkpoint(model, config, task, int(payload["step"]), dict(payload["metrics"]))
+    samples = [tensor.numpy() for tensor in payload.get("samples", [])]
+    return Checkpoint(model, config, task, int(payload["step"]), dict(payload["metrics"]), samples)
 
 
 def _as_dict(cls: type, values: Any) -> dict[str, Any]:

@@ -43,6 +43,7 @@ class FitOptions:
     grad_clip_norm: float = 1.0  # recurrent gradients spike
     # Curriculum: advance by `curriculum_increment` once the last window's accuracy reaches the threshold.
     # Advancing on a fixed schedule instead raised the difficulty before anything was learnt.
+    curriculum: bool = True  # False: every batch at full difficulty from the first step (data files)
     curriculum_window_steps: int = 50
     curriculum_advance_accuracy: float = 0.95
     curriculum_increment: float = 0.1
@@ -93,7 +94,7 @@ def fit(
         source.validation_batch(options.batch_size, validation_rng) for _ in range(options.validation_batches)
     ]
     optimizer = torch.optim.Adam(model.parameters(), lr=options.learning_rate)
-    state = _State()
+    state = _State(difficulty=0.0 if options.curriculum else 1.0)
     steps = range(1, options.max_steps + 1)
     bar = tqdm(steps, desc=progress_label, unit="step", disable=progress_label is None)
     for step in bar:
@@ -114,13 +115,26 @@ def fit(
 
 
 def loss_and_accuracy(model: SequenceModel, batch: Batch) -> tuple[torch.Tensor, float]:
-    """Weighted cross-entropy over all steps, and accuracy on the scored steps (argmax over all outputs)."""
+    """Classification: weighted cross-entropy over all steps, and accuracy on the scored steps (argmax over
+    all outputs). Regression (float targets (B, T, K)): weighted squared error, and R^2 on the scored steps
+    (the figure that plays accuracy's part: 1 is perfect, 0 no better than the mean)."""
     y, _ = model(batch.x, model.init_state(batch.x.shape[0]))  # y: (B, T, V)
-    ce = functional.cross_entropy(y.flatten(0, 1), batch.targets.flatten(), reduction="none")  # (B*T,)
     weights = batch.weights.flatten()
+    if batch.targets.is_floating_point():
+        squared = ((y - batch.targets) ** 2).mean(dim=-1).flatten()  # (B*T,)
+        loss = (squared * weights).sum() / weights.sum()
+        return loss, r_squared(y.detach()[batch.scored], batch.targets[batch.scored])
+    ce = functional.cross_entropy(y.flatten(0, 1), batch.targets.flatten(), reduction="none")  # (B*T,)
     loss = (ce * weights).sum() / weights.sum()
     hits = (y.detach().argmax(dim=-1) == batch.targets)[batch.scored]
     return loss, float(hits.float().mean())
+
+
+def r_squared(predicted: torch.Tensor, actual: torch.Tensor) -> float:
+    """1 - residual / total sum of squares over every value of `actual` [N, K]."""
+    total = float(((actual - actual.mean(dim=0)) ** 2).sum())
+    residual = float(((predicted - actual) ** 2).sum())
+    return 1.0 - residual / total if total > 0 else float(residual == 0)
 
 
 def train_step(

@@ -21,7 +21,8 @@ from training.tasks import Task, get_task
 from training.tasks.language import LanguageTask
 
 # Independent random streams per purpose, so that changing one (say, more validation) leaves the others.
-TRAIN_DATA, VALIDATION_DATA, EVALUATION_DATA = 0, 1, 2
+TRAIN_DATA, VALIDATION_DATA, EVALUATION_DATA, EXPORT_SAMPLES, DATA_SPLIT = 0, 1, 2, 3, 4
+SAMPLES_KEPT = 4  # real inputs kept in the checkpoint for export to verify the graph on
 
 
 class TrainOptionError(ValueError):
@@ -65,17 +66,23 @@ def train(task_name: str, out_dir: Path, options: TrainOptions | None = None) ->
     Raises UnknownTaskError for an unknown task, TrainOptionError for an option that is not the task's.
     """
     options = options or TrainOptions()
-    task = _task(task_name, options)
+    return train_task(_task(task_name, options), out_dir, options)
+
+
+def train_task(task: Task, out_dir: Path, options: TrainOptions) -> TrainResult:
+    """Train `task`'s model (a generated task, or a file's: `training.tasks.data`) into `out_dir`."""
     config = _model_config(task, options)
     started = time.perf_counter()
     seed_everything(options.seed, options.threads)
     model = SequenceModel(config)
     rngs = (data_rng(options.seed, TRAIN_DATA), data_rng(options.seed, VALIDATION_DATA))
-    result = fit(task, model, options.fit, rngs, progress_label=task.name if options.show_progress else None)
+    fit_options = replace(options.fit, curriculum=task.curriculum)
+    result = fit(task, model, fit_options, rngs, progress_label=task.name if options.show_progress else None)
     evaluation = task.evaluate(model, data_rng(options.seed, EVALUATION_DATA))
     wall_time_s = time.perf_counter() - started
     metrics = _metrics(task, model, result, evaluation, wall_time_s)
-    checkpoint_path = save_checkpoint(out_dir, model, config, task.info(), result.best_step, metrics)
+    samples = task.sample_sequences(SAMPLES_KEPT, data_rng(options.seed, EXPORT_SAMPLES))
+    checkpoint_path = save_checkpoint(out_dir, model, config, task.info(), result.best_step, metrics, samples)
     _write_json(out_dir / "metrics.json", {**metrics, "history": result.history})
     _write_json(out_dir / "train_config.json", _train_config(task, config, options))
     plot_curves(

@@ -37,6 +37,7 @@ def train(args: argparse.Namespace) -> None:
         "max_steps": args.max_steps,
         "learning_rate": args.learning_rate,
         "grad_clip_norm": args.grad_clip,
+        "patience_evals": args.patience,
     }
     fit = FitOptions(**{name: value for name, value in given.items() if value is not None})
     options = TrainOptions(
@@ -46,12 +47,40 @@ def train(args: argparse.Namespace) -> None:
         max_gap_words=args.max_gap_words,
         fit=fit,
     )
-    with _user_errors(UnknownTaskError, TrainOptionError, CheckpointError, OSError):
-        result = run_training(args.task, args.out, options)
+    if args.data is not None:
+        result = _train_on_data(args, options)
+    else:
+        with _user_errors(UnknownTaskError, TrainOptionError, CheckpointError, OSError):
+            result = run_training(args.task, args.out, options)
     print(
-        f"trained {args.task} in {result.wall_time_s:.1f} s ({result.steps} steps): "
+        f"trained {args.task or args.data} in {result.wall_time_s:.1f} s ({result.steps} steps): "
         f"{result.headline_metric} = {result.headline_value:.4f}; artifact {result.out_dir}"
     )
+
+
+def _train_on_data(args: argparse.Namespace, options: Any) -> Any:
+    """`conveyor train --data FILE`: the file read by `training.data`, trained as `training.tasks.data`."""
+    from training.data import Columns, DataFileError, read_sequences
+    from training.loop import data_rng
+    from training.tasks.data import DataTask, DataTaskConfig, DataTaskError
+    from training.train import DATA_SPLIT, TrainOptionError, train_task
+
+    if args.max_gap_words is not None:
+        raise CommandError("--max-gap-words applies to the language task only")
+    features = tuple(name.strip() for name in args.features.split(",")) if args.features else None
+    columns = Columns(args.sequence_column, args.order_column or None, args.target_column, features)
+    config = DataTaskConfig(
+        source=str(args.data),
+        objective=args.objective,
+        answer=args.answer,
+        validation_fraction=args.validation_fraction,
+        test_source=None if args.test is None else str(args.test),
+    )
+    with _user_errors(DataFileError, DataTaskError, TrainOptionError, OSError):
+        data = read_sequences(args.data, columns, args.objective)
+        test = None if args.test is None else read_sequences(args.test, columns, args.objective)
+        task = DataTask(data, config, data_rng(args.seed, DATA_SPLIT), test)
+        return train_task(task, args.out, options)
 
 
 def export(args: argparse.Namespace) -> None:

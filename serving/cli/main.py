@@ -63,9 +63,16 @@ def _command(sub: Subparsers, name: str, help_text: str, handler: Handler) -> ar
 
 def _add_train(sub: Subparsers) -> None:
     p = _command(
-        sub, "train", "Train a model on a generated task and write its artifact directory.", commands.train
+        sub,
+        "train",
+        "Train a model on a generated task or on your own sequences, and write its artifact directory.",
+        commands.train,
     )
-    p.add_argument("--task", required=True, help="language or sensor")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", help="a generated task: language or sensor")
+    source.add_argument(
+        "--data", type=Path, help="your own sequences: a .csv or .parquet (long format), .npz or .ts file"
+    )
     p.add_argument("--out", type=Path, required=True, help="artifact directory, e.g. artifacts/language")
     p.add_argument("--seed", type=int, default=0)
     # Sizes and budgets other than the task's own: e.g. a wider model to benchmark the server with.
@@ -75,7 +82,30 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument("--learning-rate", type=_positive_float, help="Adam's first learning rate (default 0.01)")
     p.add_argument("--grad-clip", type=_positive_float, help="gradient-norm clipping (default 1.0)")
     p.add_argument(
+        "--patience",
+        type=_positive,
+        help="validations (one per 100 steps) with no better loss before it stops (4)",
+    )
+    p.add_argument(
         "--max-gap-words", type=_positive, help="language task: longest training gap (default 200 words)"
+    )
+    data = p.add_argument_group("--data", "how a data file is read and trained")
+    data.add_argument("--test", type=Path, help="a file of the same shape the headline figures come from")
+    data.add_argument("--sequence-column", default="sequence", help="CSV/Parquet: the sequence id column")
+    data.add_argument(
+        "--order-column", default="step", help="CSV/Parquet: the step order column ('' for file order)"
+    )
+    data.add_argument("--target-column", default="target", help="CSV/Parquet: the target column")
+    data.add_argument("--features", help="CSV/Parquet: comma list of feature columns (default: the rest)")
+    data.add_argument("--objective", choices=["classification", "regression"], default="classification")
+    data.add_argument(
+        "--answer",
+        choices=["last", "every"],
+        default="last",
+        help="one target per sequence: trained at its last step, or at every step (an answer as it arrives)",
+    )
+    data.add_argument(
+        "--validation-fraction", type=_fraction, default=0.2, help="held out for early stopping (0.2)"
     )
 
 
@@ -83,6 +113,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
     return value
 
 

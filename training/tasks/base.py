@@ -17,7 +17,7 @@ class Batch:
     """One batch of streams, all starting from zero state."""
 
     x: torch.Tensor  # int64 (B, T) token ids, or float32 (B, T, F) features
-    targets: torch.Tensor  # int64 (B, T): the class (next word, regime) expected at each step
+    targets: torch.Tensor  # int64 (B, T): the class expected at each step; regression: float32 (B, T, K)
     weights: torch.Tensor  # float32 (B, T): loss weight of each step; 0 = not trained on
     scored: torch.Tensor  # bool (B, T): the steps that count for accuracy (the task's headline prediction)
 
@@ -26,6 +26,7 @@ class Task(Protocol):
     """A synthetic sequence task: data generation, the model it suggests, and its evaluation."""
 
     name: str
+    curriculum: bool  # whether `difficulty` means anything: the loop then starts easy
 
     def info(self) -> TaskInfo:
         """What the model's inputs and outputs mean (travels in the checkpoint)."""

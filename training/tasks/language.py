@@ -75,6 +75,7 @@ class LanguageTask:
     """Next-word prediction over sentences whose last content word depends on one far back."""
 
     name = "language"
+    curriculum = True
 
     def __init__(self, config: LanguageTaskConfig | None = None) -> None:
         self.config = config or LanguageTaskConfig()

@@ -51,6 +51,7 @@ class SensorTask:
     """Per-step classification of the current operating mode from a noisy multichannel stream."""
 
     name = "sensor"
+    curriculum = True
 
     def __init__(self, config: SensorTaskConfig | None = None) -> None:
         self.config = config or SensorTaskConfig()
