@@ -15,7 +15,7 @@ help: ## List what you can do
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/pip install --quiet -e '.[train,dev]'
+	$(BIN)/pip install --quiet -e '.[train,data,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP) ## Create .venv and install Conveyor with training and dev tools

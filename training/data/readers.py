@@ -138,7 +138,7 @@ def _read_parquet(path: Path) -> _Table:
     try:
         import pyarrow.parquet as parquet  # type: ignore[import-untyped]
     except ImportError as error:
-        raise DataFileError(f"{path}: reading Parquet needs pyarrow, which is not installed") from error
+        raise DataFileError(f"{path}: reading Parquet needs pyarrow: pip install 'conveyor[data]'") from error
     try:
         table = parquet.read_table(path)
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError, its I/O errors OSError
