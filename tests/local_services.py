@@ -187,6 +187,22 @@ def nginx_proxy(directory: Path, upstreams: list[int], *, fail_timeout_s: int = 
         process.wait(10)
 
 
+@contextmanager
+def replicas_behind_nginx(
+    artifact: Path, directory: Path, *, fail_timeout_s: int = 10
+) -> Iterator[tuple[ServerProcess, ServerProcess, int]]:
+    """Two `conveyor serve` replicas of `artifact` on one durable redis-server, behind nginx: the replicas
+    and the proxy's port (the fault tests' stage: kill -9 of one, the other answers from Redis)."""
+    (directory / "redis").mkdir()
+    with (
+        redis_server(directory / "redis", durable=True) as redis,
+        conveyor_process(artifact, redis.url) as one,
+        conveyor_process(artifact, redis.url) as two,
+        nginx_proxy(directory, [one.port, two.port], fail_timeout_s=fail_timeout_s) as proxy_port,
+    ):
+        yield one, two, proxy_port
+
+
 def _wait_for_port(port: int) -> None:
     deadline = time.monotonic() + 10
     while True:

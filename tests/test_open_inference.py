@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from local_services import ServerProcess, conveyor_process, nginx_proxy, redis_server
+from local_services import ServerProcess, replicas_behind_nginx
 from serving_harness import assert_close, assert_error, make_inputs, offline, rejected, running
 
 from serving.client import ConveyorClient
@@ -294,12 +294,8 @@ def test_a_v2_sequence_outlives_kill_9_of_its_replica(token_artifact: Path, tmp_
     holding it mid-sequence; the client retries the failed request with the same sequence_offset, the other
     replica answers from Redis, and the outputs equal the whole run."""
     x = make_inputs(token_artifact, 40, np.random.default_rng(8))
-    (tmp_path / "redis").mkdir()
     with (
-        redis_server(tmp_path / "redis", durable=True) as redis,
-        conveyor_process(token_artifact, redis.url) as one,
-        conveyor_process(token_artifact, redis.url) as two,
-        nginx_proxy(tmp_path, [one.port, two.port], fail_timeout_s=1) as proxy_port,
+        replicas_behind_nginx(token_artifact, tmp_path, fail_timeout_s=1) as (one, two, proxy_port),
         grpc.insecure_channel(f"127.0.0.1:{proxy_port}") as channel,
     ):
         routed = oip_grpc.GRPCInferenceServiceStub(channel)

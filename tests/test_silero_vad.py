@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from local_services import ServerProcess, conveyor_process, nginx_proxy, redis_server
+from local_services import ServerProcess, replicas_behind_nginx
 from serving_harness import SILERO_FRAMING, assert_error, card_silero, chunk, connect, rejected, running
 
 from modelcard.adopt import AdoptError, Described, Naming, adopt
@@ -365,16 +365,10 @@ def test_a_call_outlives_the_replica_killed_mid_file(
     call goes on at the other, its carried samples and state read back from Redis, with the same
     probabilities."""
     samples = speech[16000]
-    (tmp_path / "redis").mkdir()
     patient = ClientOptions(
         route_key="call-1", retry=RetryPolicy(max_attempts=60, initial_backoff_s=0.05, max_backoff_s=0.25)
     )
-    with (
-        redis_server(tmp_path / "redis", durable=True) as redis,
-        conveyor_process(vad_artifact, redis.url) as one,
-        conveyor_process(vad_artifact, redis.url) as two,
-        nginx_proxy(tmp_path, [one.port, two.port]) as proxy_port,
-    ):
+    with replicas_behind_nginx(vad_artifact, tmp_path) as (one, two, proxy_port):
 
         async def call() -> np.ndarray:
             outputs = []

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from local_services import ServerProcess, conveyor_process, nginx_proxy, redis_server
+from local_services import ServerProcess, replicas_behind_nginx
 from serving_harness import assert_close, make_inputs, offline, running
 
 from serving.client.core import ROUTE_HEADER
@@ -140,13 +140,7 @@ def test_a_stream_of_64_sequences_outlives_kill_9_of_its_replica(
     ids: list[int | str] = [f"call-{i}" for i in range(64)]
     sequences = random_sequences(token_artifact, ids, rng, longest=40)
     (tmp_path / "in.json").write_text(json.dumps(as_items(sequences, rng)))
-    (tmp_path / "redis").mkdir()
-    with (
-        redis_server(tmp_path / "redis", durable=True) as redis,
-        conveyor_process(token_artifact, redis.url) as one,
-        conveyor_process(token_artifact, redis.url) as two,
-        nginx_proxy(tmp_path, [one.port, two.port], fail_timeout_s=1) as proxy_port,
-    ):
+    with replicas_behind_nginx(token_artifact, tmp_path, fail_timeout_s=1) as (one, two, proxy_port):
         header = f"{ROUTE_HEADER}: triton-stream"
         flags = ("--pause-after", "2", "--header", header)
         command = driver_command("failover", f"127.0.0.1:{proxy_port}", tmp_path, *flags)

@@ -42,35 +42,97 @@ class GapAccuracy:
     short_gap: float
 
 
-def held_out_sentences(info: ModelInfo, filler_words: int, n: int, seed: int = SEED) -> list[Sentence]:
-    """`n` sentences "i grew up in <country> . <filler_words random filler words> i speak fluent", each with
-    a country drawn at random, in the model's vocabulary."""
-    from training.tasks.words import COUNTRY_LANGUAGE, FILLER_WORDS  # word lists only: no torch
+# Everyday sentences made of filler words, which training never generates (its fillers are drawn word by word,
+# in bursts or in short loops): a filler of this kind is these sentences in a random order.
+PHRASES = (
+    "we went to the market every morning",
+    "my brother taught music to children from the city school",
+    "the train was late because of the snow",
+    "she cooked soup for the family every evening",
+    "they walked near the river after the rain",
+    "our neighbour painted his house blue",
+    "the children played with the dog every weekend",
+    "he wrote a long letter to his aunt",
+    "we visited the museum one cold winter day",
+    "my father fixed the old car behind the house",
+    "the cat stayed near the door all night",
+    "she bought bread and cheese from the shop",
+)
+# Filler kinds no training filler is: "uniform" is training's own (the demo's story), the rest are not.
+FILLER_KINDS = ("uniform", "phrases", "skewed", "long_loop", "one_word")
 
-    rng = np.random.default_rng([seed, filler_words])
+
+def held_out_sentences(
+    info: ModelInfo,
+    filler_words: int,
+    n: int,
+    seed: int = SEED,
+    kind: str = "uniform",
+    before: bool = False,
+) -> list[Sentence]:
+    """`n` sentences "i grew up in <country> . <filler_words filler words> i speak fluent", each with a
+    country drawn at random, in the model's vocabulary. `kind` (FILLER_KINDS): the filler's words drawn
+    uniformly, everyday sentences (PHRASES), words of skewed (Zipf) frequencies, a loop of 20-40 words, or one
+    word throughout. `before`: after a whole sentence with another country, which must be overwritten."""
+    from training.tasks.words import COUNTRY_LANGUAGE  # word lists only
+
+    rng = np.random.default_rng([seed, filler_words, FILLER_KINDS.index(kind), before])
     vocabulary = info.vocabulary
     sentences = []
     for pair in rng.integers(len(COUNTRY_LANGUAGE), size=n):
         country, language = COUNTRY_LANGUAGE[pair]
-        filler = " ".join(rng.choice(FILLER_WORDS, size=filler_words))
-        text = f"i grew up in {country} . {filler} i speak fluent"
+        text = f"i grew up in {country} . {_filler(kind, filler_words, rng)} i speak fluent"
+        if before:
+            shift = int(rng.integers(1, len(COUNTRY_LANGUAGE)))
+            other, said = COUNTRY_LANGUAGE[(pair + shift) % len(COUNTRY_LANGUAGE)]
+            first = f"i grew up in {other} . {_filler(kind, filler_words, rng)} i speak fluent {said} ."
+            text = f"{first} {text}"
         sentences.append(Sentence(encode_text(text, vocabulary), vocabulary.index(language)))
     return sentences
 
 
-def streamed_accuracy(target: str, sentences: Sequence[Sentence], seed: int = SEED) -> float:
+def _filler(kind: str, words: int, rng: np.random.Generator) -> str:
+    from training.tasks.words import FILLER_WORDS
+
+    if kind == "uniform":
+        chosen = rng.choice(FILLER_WORDS, size=words).tolist()
+    elif kind == "phrases":
+        chosen = []
+        while len(chosen) < words:
+            chosen += PHRASES[rng.integers(len(PHRASES))].split()
+    elif kind == "skewed":  # the k-th most frequent word k times as frequent as the first
+        weights = 1 / np.arange(1, len(FILLER_WORDS) + 1)
+        order = rng.permutation(len(FILLER_WORDS))
+        chosen = [
+            FILLER_WORDS[order[i]]
+            for i in rng.choice(len(FILLER_WORDS), size=words, p=weights / weights.sum())
+        ]
+    elif kind == "long_loop":
+        chosen = np.resize(rng.choice(FILLER_WORDS, size=int(rng.integers(20, 41))), words).tolist()
+    elif kind == "one_word":
+        chosen = [FILLER_WORDS[rng.integers(len(FILLER_WORDS))]] * words
+    else:
+        raise ValueError(f"unknown filler kind {kind!r}: one of {FILLER_KINDS}")
+    return " ".join(chosen[:words])
+
+
+def streamed_accuracy(
+    target: str, sentences: Sequence[Sentence], seed: int = SEED, most_words: int = MAX_CHUNK_WORDS
+) -> float:
     """The fraction of `sentences` whose next word the served model gets right, each streamed as its own
-    session in chunks of 1-MAX_CHUNK_WORDS words, the sessions spread over CONNECTIONS connections."""
-    return asyncio.run(_streamed_accuracy(target, sentences, np.random.default_rng(seed)))
+    session in chunks of 1-`most_words` words, the sessions spread over CONNECTIONS connections."""
+    return asyncio.run(_streamed_accuracy(target, sentences, np.random.default_rng(seed), most_words))
 
 
-async def _streamed_accuracy(target: str, sentences: Sequence[Sentence], rng: np.random.Generator) -> float:
+async def _streamed_accuracy(
+    target: str, sentences: Sequence[Sentence], rng: np.random.Generator, most_words: int
+) -> float:
     clients = [AsyncConveyorClient(target) for _ in range(CONNECTIONS)]
     room = asyncio.Semaphore(CONCURRENT_SESSIONS)
     try:
         hits = await asyncio.gather(
             *(
-                _ask(clients[number % CONNECTIONS], sentence, _cuts(len(sentence.ids), rng), room)
+                _ask(clients[number % CONNECTIONS], sentence, _cuts(len(sentence.ids), rng, most_words), room)
                 for number, sentence in enumerate(sentences)
             )
         )
@@ -89,8 +151,8 @@ async def _ask(
     return int(np.argmax(logits[-1])) == sentence.answer
 
 
-def _cuts(length: int, rng: np.random.Generator) -> list[int]:
-    """Chunk boundaries 0 = b0 < b1 < ... = length, pieces of 1-MAX_CHUNK_WORDS words."""
-    sizes = rng.integers(1, MAX_CHUNK_WORDS, size=length, endpoint=True)
+def _cuts(length: int, rng: np.random.Generator, most_words: int) -> list[int]:
+    """Chunk boundaries 0 = b0 < b1 < ... = length, pieces of 1-`most_words` words."""
+    sizes = rng.integers(1, most_words, size=length, endpoint=True)
     inner = np.cumsum(sizes)
     return [0, *inner[inner < length].tolist(), length]
