@@ -55,6 +55,7 @@ def test_the_readme_csv_example_trains_exports_and_streams(tmp_path: Path) -> No
     card = json.loads((out / "model.json").read_text())
     assert card["output"]["labels"] == ["bearing_wear", "healthy", "overheating"]
     assert card["input"] == {"name": "x", "kind": "features", "size": 3, "dtype": "float32"}
+    assert len(card["training"]["input_mean"]) == len(card["training"]["input_scale"]) == 3
     readings = np.loadtxt(ROOT / "docs/examples/readings.csv", delimiter=",", skiprows=1, usecols=(2, 3, 4))
     x = readings[:45].astype(np.float32)  # raw readings, as a client has them
     whole = offline(out, x)

@@ -142,7 +142,15 @@ def _metrics(
         "headline_metric": headline,
         "headline_value": evaluation[headline],
         **evaluation,
+        **_normalization(model.config),
     }
+
+
+def _normalization(config: ModelConfig) -> dict[str, Any]:
+    """The inputs' normalization built into the model, for the card to show (the graph applies it)."""
+    if config.input_mean is None or config.input_scale is None:
+        return {}
+    return {"input_mean": list(config.input_mean), "input_scale": list(config.input_scale)}
 
 
 def _train_config(task: Task, config: ModelConfig, options: TrainOptions) -> dict[str, Any]:
