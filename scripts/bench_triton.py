@@ -30,7 +30,7 @@ from pathlib import Path
 from serving.bench.grid import BenchOptions, Cell, Row
 from serving.bench.host import Host, HostSpec, hosting, runner_config
 from serving.bench.report import format_row, format_table, plot, write_json
-from serving.bench.run import Probe, measure_cell
+from serving.bench.run import Probe, measure_cell, per_1k
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
@@ -53,7 +53,7 @@ def perf_analyzer_row(host: Host, model: str, concurrency: int, streaming: bool,
             raise SystemExit(f"perf_analyzer failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         (line,) = csv.DictReader(report.open())
     load_cpu_s = _children_cpu_s() - children_before
-    rows_run = _rows_run(probe)
+    rows_run = probe.rows_run()
     per_s = float(line["Inferences/Second"])
     return Row(
         mode="pa_stream" if streaming else "pa_unary",
@@ -65,26 +65,17 @@ def perf_analyzer_row(host: Host, model: str, concurrency: int, streaming: bool,
         chunks_per_s=per_s,
         p50_ms=float(line["p50 latency"]) / 1000,  # microseconds in its CSV
         p99_ms=float(line["p99 latency"]) / 1000,
-        cpu_s_per_1k_steps=_per_1k(probe.server_cpu_s(), rows_run),
-        load_cpu_s_per_1k_steps=_per_1k(load_cpu_s, rows_run),
+        cpu_s_per_1k_steps=per_1k(probe.server_cpu_s(), rows_run),
+        load_cpu_s_per_1k_steps=per_1k(load_cpu_s, rows_run),
         mean_batch=probe.mean_batch(),
         chunks=int(rows_run),
         seconds=measurement_ms / 1000,
     )
 
 
-def _rows_run(probe: Probe) -> float:
-    first, last = probe.batches
-    return 0.0 if first is None or last is None else last[0] - first[0]
-
-
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # perf_analyzer and its Python launcher, once ended
     return usage.ru_utime + usage.ru_stime
-
-
-def _per_1k(cpu_s: float | None, steps: float) -> float | None:
-    return None if cpu_s is None or not steps else cpu_s * 1000 / steps
 
 
 def native_row(host: Host, options: BenchOptions, mode: str, concurrency: int) -> Row:

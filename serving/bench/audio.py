@@ -7,8 +7,8 @@ Modes:
                  own clock (their sends spread over the tick, as independent clients' are)
     silero_loop  silero's OnnxWrapper per stream, one ORT call per window, in one process (no server), the
                  chunks coming as the gateway's do
-    ort_floor    ONNX Runtime alone, one thread, at the batch the server reached: windows per second, and
-                 the streams they would carry
+    ort_floor    ONNX Runtime alone, run as the server's runner runs it (its threads and parallel calls), at
+                 the batch the server reached: windows per second, and the streams they would carry
 
 A count of streams is held when its p99 window latency (from when the chunk completing a window is due to
 when its probability arrives) is under one window period and nothing is dropped. Each searched mode doubles
@@ -30,7 +30,7 @@ from serving.bench.grid import BenchError, BenchOptions, Cell, require_model
 from serving.bench.host import Host, HostSpec, hosting, runner_config
 from serving.bench.load import run_load
 from serving.bench.report import pyplot, save
-from serving.bench.run import Probe, measure_cell
+from serving.bench.run import Probe, measure_cell, per_1k
 from serving.bench.targets import Check
 from serving.bench.wire import Job
 
@@ -135,8 +135,8 @@ def _point(mode: str, streams: int, framing: Framing, options: AudioOptions, hos
         p99_ms=p99_ms,
         dropped=dropped,
         held=dropped == 0 and p99_ms < _window_ms(framing, options),  # NaN (none answered): not held
-        cpu_ms_per_window=_per_window(result["cpu_s"] if in_process else probe.server_cpu_s(), windows),
-        load_cpu_ms_per_window=None if in_process else _per_window(result["cpu_s"], windows),
+        cpu_ms_per_window=per_1k(result["cpu_s"] if in_process else probe.server_cpu_s(), windows),
+        load_cpu_ms_per_window=None if in_process else per_1k(result["cpu_s"], windows),
         mean_batch=1.0 if in_process else probe.mean_batch(),
         windows=windows,
         seconds=seconds,
@@ -174,10 +174,6 @@ def _floor(rows: Sequence[AudioRow], framing: Framing, options: AudioOptions) ->
         note=f"batches of {batch} windows ({source}), {options.ort_threads} thread, "
         f"{options.ort_parallel_calls} call(s) at once",
     )
-
-
-def _per_window(cpu_s: float | None, windows: int) -> float | None:
-    return None if cpu_s is None or not windows else cpu_s * 1000 / windows
 
 
 def most_held(rows: Sequence[AudioRow]) -> dict[str, AudioRow]:

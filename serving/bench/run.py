@@ -107,7 +107,12 @@ class Probe:
         first, last = self.batches
         if first is None or last is None or last[1] == first[1]:
             return None
-        return (last[0] - first[0]) / (last[1] - first[1])
+        return self.rows_run() / (last[1] - first[1])
+
+    def rows_run(self) -> float:
+        """Rows the server's runner ran between start and stop (0 when its /metrics were not read)."""
+        first, last = self.batches
+        return 0.0 if first is None or last is None else last[0] - first[0]
 
     def _read_batches(self) -> None:
         self.batches.append(self._host.batch_totals() if self._host else None)
@@ -142,13 +147,14 @@ def measure_cell(cell: Cell, host: Host | None, options: BenchOptions) -> Row:
         chunks_per_s=result["chunks"] / seconds,
         p50_ms=result["p50_ms"],
         p99_ms=result["p99_ms"],
-        cpu_s_per_1k_steps=_per_1k(server_cpu_s, steps),
-        load_cpu_s_per_1k_steps=None if in_process else _per_1k(result["cpu_s"], steps),
+        cpu_s_per_1k_steps=per_1k(server_cpu_s, steps),
+        load_cpu_s_per_1k_steps=None if in_process else per_1k(result["cpu_s"], steps),
         mean_batch=float(result["batch"]) if in_process else probe.mean_batch(),
         chunks=result["chunks"],
         seconds=seconds,
     )
 
 
-def _per_1k(cpu_s: float | None, steps: int) -> float | None:
-    return None if cpu_s is None else (cpu_s * 1000 / steps if steps else math.nan)
+def per_1k(cpu_s: float | None, count: float) -> float | None:
+    """CPU seconds per 1000 `count` (steps, or windows: then ms per window); None unread, NaN for none."""
+    return None if cpu_s is None else (cpu_s * 1000 / count if count else math.nan)

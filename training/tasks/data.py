@@ -19,6 +19,7 @@ import torch
 
 from training.checkpoint import TaskInfo
 from training.data import Objective, SequenceData
+from training.loop import r_squared
 from training.model import ModelConfig, SequenceModel
 from training.tasks.base import Batch
 
@@ -227,9 +228,7 @@ def _regression_figures(
     else:
         predicted = y[np.arange(len(lengths)), lengths - 1]
         actual = np.stack([t[0] for t in split.targets])
-    residual = float(((predicted - actual) ** 2).sum())
-    total = float(((actual - actual.mean(axis=0)) ** 2).sum())
     return {
-        f"{prefix}_mse": residual / actual.size,
-        f"{prefix}_r2": 1.0 - residual / total if total > 0 else float(residual == 0),
+        f"{prefix}_mse": float(((predicted - actual) ** 2).mean()),
+        f"{prefix}_r2": r_squared(torch.from_numpy(predicted), torch.from_numpy(actual)),
     }
