@@ -87,11 +87,16 @@ NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 
 @contextmanager
 def conveyor_process(
-    artifact: Path, store: str, port: int | None = None, env: dict[str, str] | None = None
+    artifact: Path,
+    store: str,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    *,
+    repository: bool = False,
 ) -> Iterator[ServerProcess]:
-    """`conveyor serve` for `artifact` on `store` (more CONVEYOR_* settings in `env`), in a process of its
-    own, SERVING; killed on exit."""
-    server = ServerProcess(artifact, store, port or free_port(), env or {})
+    """`conveyor serve` for `artifact` (with `repository`, a model repository) on `store` (more CONVEYOR_*
+    settings in `env`), in a process of its own, SERVING; killed on exit."""
+    server = ServerProcess(artifact, store, port or free_port(), env or {}, repository)
     server.start()
     try:
         yield server
@@ -102,8 +107,11 @@ def conveyor_process(
 class ServerProcess:
     """One `conveyor serve` process on a fixed port (so that a restart comes back where the proxy expects)."""
 
-    def __init__(self, artifact: Path, store: str, port: int, env: dict[str, str]) -> None:
+    def __init__(
+        self, artifact: Path, store: str, port: int, env: dict[str, str], repository: bool = False
+    ) -> None:
         self.port = port
+        self._source = "--models" if repository else "--model"
         self._env = env
         self.target = f"127.0.0.1:{port}"
         self.metrics_port = free_port()
@@ -116,7 +124,7 @@ class ServerProcess:
 
         env = {**os.environ, **self._env, "CONVEYOR_STORE": self._store}
         env["CONVEYOR_METRICS_PORT"] = str(self.metrics_port)
-        command = [sys.executable, "-m", "serving.cli", "serve", "--model", str(self._artifact),
+        command = [sys.executable, "-m", "serving.cli", "serve", self._source, str(self._artifact),
                    "--port", str(self.port)]  # fmt: skip
         self.process = subprocess.Popen(
             command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -30,7 +30,7 @@ from serving.client.scrape import scrape as scrape_url
 from serving.domain.runner import StepRunner
 from serving.server.app import RunningServer, build_server
 from serving.server.config import ServerConfig
-from serving.wire import pb, pb_grpc
+from serving.wire import oip, pb, pb_grpc
 from serving.wire.tensors import decode, encode
 
 TOLERANCE = 1e-5
@@ -68,6 +68,12 @@ def scrape(server: RunningServer) -> tuple[str, dict[str, float]]:
     """GET /metrics: the exposition text, and every sample as `name{labels}` -> value."""
     metrics = scrape_url(f"http://127.0.0.1:{server.metrics_port}/metrics")
     return metrics.text, metrics.by_key()
+
+
+def of_version(metric: str, model: str = "language", version: str = "1", **labels: str) -> str:
+    """The key `scrape` gives a sample of one model version's metric (labels sorted, as it sorts them)."""
+    named = {"model": model, "version": version, **labels}
+    return metric + "{" + ",".join(f'{key}="{value}"' for key, value in sorted(named.items())) + "}"
 
 
 def card(artifact: Path) -> dict[str, Any]:
@@ -174,6 +180,40 @@ def assert_error(error: grpc.RpcError, code: grpc.StatusCode, pattern: str) -> N
     """The error has `code` and a message matching `pattern`."""
     assert error.code() == code, error
     assert re.search(pattern, str(error.details())), error.details()
+
+
+def infer(
+    x: np.ndarray,
+    sequence: int | str,
+    *,
+    start: bool = False,
+    end: bool = False,
+    request_id: str = "",
+    offset: int | None = None,
+    model: str = "language",
+    version: str = "",
+) -> oip.ModelInferRequest:
+    """A v2 request carrying token ids `x` of `sequence`, as tritonclient builds one."""
+    request = oip.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    if isinstance(sequence, str):
+        request.parameters["sequence_id"].string_param = sequence
+    else:
+        request.parameters["sequence_id"].int64_param = sequence
+    request.parameters["sequence_start"].bool_param = start
+    request.parameters["sequence_end"].bool_param = end
+    if offset is not None:
+        request.parameters["sequence_offset"].int64_param = offset
+    request.inputs.add(name="x", datatype="INT64", shape=[1, len(x)])
+    request.raw_input_contents.append(x.astype("<i8").tobytes())
+    return request
+
+
+def v2_output(response: oip.ModelInferResponse) -> np.ndarray:
+    """The response's y, [time, outputs]."""
+    (tensor,) = response.outputs
+    assert tensor.name == "y" and tensor.datatype == "FP32" and tensor.shape[0] == 1
+    values: np.ndarray = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(tensor.shape)[0]
+    return values
 
 
 class RawStream:

@@ -112,14 +112,23 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(token_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A Conveyor server under load, scraped every second by a Prometheus that evaluates rules.yml."""
+    """A Conveyor server under load, scraped every second by a Prometheus that evaluates rules.yml. Mid
+    rollout: version 2 of its model takes the load while version 1 drains, one session left on it, so that
+    the panels of versions have both to show."""
     from prometheus_client import CollectorRegistry
 
+    from serving.client import ConveyorClient
     from serving.server.app import build_server
     from serving.server.config import ServerConfig
 
-    config = ServerConfig(model_dir=token_artifact, port=0, metrics_port=0, max_delay_ms=1.0)
+    repository = tmp_path_factory.mktemp("models")
+    shutil.copytree(token_artifact, repository / "language" / "1")
+    config = ServerConfig(models_dir=repository, port=0, metrics_port=0, max_delay_ms=1.0)
     server = build_server(config, registry=CollectorRegistry())
+    with ConveyorClient(f"127.0.0.1:{server.port}") as client:
+        client.session("left-on-1").send(np.array([1, 2, 3], dtype=np.int64))  # left open: it drains
+    shutil.copytree(token_artifact, repository / "language" / "2")
+    server.rescan()
     workdir = tmp_path_factory.mktemp("prometheus")
     prometheus_config = workdir / "prometheus.yml"
     prometheus_config.write_text(

@@ -65,6 +65,7 @@ def test_every_alert_has_a_firing_unit_test() -> None:
         "ConveyorHighErrorRatio",
         "ConveyorSessionsNearCapacity",
         "ConveyorSessionStoreUnreachable",
+        "ConveyorDrainPastDeadline",
     }
     for alert in alerts:
         # A case that fires (exp_alerts with labels) and one that does not (exp_alerts: []).

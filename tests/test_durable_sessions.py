@@ -17,7 +17,17 @@ import grpc
 import numpy as np
 import pytest
 from local_services import RedisServer, conveyor_process, free_port, redis_server
-from serving_harness import assert_close, chunk, connect, make_inputs, offline, outputs, running, scrape
+from serving_harness import (
+    assert_close,
+    chunk,
+    connect,
+    make_inputs,
+    of_version,
+    offline,
+    outputs,
+    running,
+    scrape,
+)
 
 from serving.client import ClientOptions, ConveyorClient, ConveyorError, RetryPolicy
 from serving.client.frames import pack
@@ -56,10 +66,10 @@ def test_a_restarted_server_resumes_every_session(token_artifact: Path, redis: R
         for session_id, x in sequences.items():
             first[session_id] = _stream(target, x, session_id, 0, HALF)
         _, samples = scrape(server)
-    assert samples["conveyor_sessions_active"] == SESSIONS
+    assert samples[of_version("conveyor_sessions_active")] == SESSIONS
     with running(token_artifact, store=redis.url) as restarted:  # stopped gracefully: sessions stay
         _, samples = scrape(restarted)
-        assert samples['conveyor_sessions_ended_total{reason="shutdown"}'] == 0
+        assert samples[of_version("conveyor_sessions_ended_total", reason="shutdown")] == 0
         for session_id, x in sequences.items():
             rest = _stream(f"127.0.0.1:{restarted.port}", x, session_id, HALF, STEPS)
             assert_close(np.concatenate([first[session_id], rest]), offline(token_artifact, x))
@@ -227,4 +237,4 @@ def _answer(stub: object, request: object) -> np.ndarray | str:
 
 def _applied_steps(server: RunningServer) -> float:
     _, samples = scrape(server)
-    return samples["conveyor_timesteps_total"]
+    return samples[of_version("conveyor_timesteps_total")]

@@ -52,10 +52,11 @@ class Harness:
         model = ServedModel(FAKE_SPEC, 16, 60)
         self.sessions = Sessions(InMemorySessionStore(model.state_shape), limits, clock=clock)
         self.batcher = Batcher(runner, max_batch_size=64, max_delay_ms=0, inline_max_ms=0.5, metrics=metrics)
-        self.engine = Engine(model, self.sessions, self.batcher, metrics)
+        self.engine = Engine(model, self.sessions, self.batcher, metrics.for_version(("fake", "1")))
 
     def sample(self, name: str, **labels: str) -> float | None:
-        return self.registry.get_sample_value(name, labels)
+        """A sample of the engine's version's metrics."""
+        return self.registry.get_sample_value(name, {"model": "fake", "version": "1", **labels})
 
 
 def _run(scenario: Callable[[Harness], Awaitable[_T]], runner: FakeRunner | None = None,

@@ -20,6 +20,7 @@ from serving_harness import (
     chunk,
     connect,
     make_inputs,
+    of_version,
     offline,
     outputs,
     rejected,
@@ -136,7 +137,9 @@ def _stalled_stream(artifact: Path, env: dict[str, str]) -> _Stall:
         before = server.rss_bytes()
         with grpc.insecure_channel(server.target, options=options) as channel:
             responses = pb_grpc.ConveyorStub(channel).Stream(requests)  # never read
-            applied = _settled(server, lambda metrics: metrics["conveyor_timesteps_total"]) // 1024 - 1
+            applied = (
+                _settled(server, lambda metrics: metrics[of_version("conveyor_timesteps_total")]) // 1024 - 1
+            )
             held = _stream_bytes(server)
             grew = server.rss_bytes() - before
             assert client.session("other").send(x[:5]).shape[0] == 5  # the server serves others

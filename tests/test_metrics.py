@@ -27,14 +27,16 @@ def test_a_frames_reports_equal_as_many_single_reports() -> None:
     """Counting a frame's chunks in one call writes what one call per chunk writes, bucket for bucket."""
     once, each = CollectorRegistry(), CollectorRegistry()
     bulk, single = ConveyorMetrics(once), ConveyorMetrics(each)
+    version = ("language", "1")
+    bulk_version, single_version = bulk.for_version(version), single.for_version(version)
     for latency, chunks in ((0.0003, 64), (0.00005, 3), (0.004, 1), (20.0, 2)):
-        bulk.chunk_answered(latency, chunks=chunks)
+        bulk.chunk_answered(latency, chunks=chunks, labels=version)
         bulk.observe_queue_wait(latency, chunks)
-        bulk.chunks_applied(chunks, chunks)
+        bulk_version.chunks_applied(chunks, chunks)
         for _ in range(chunks):
-            single.chunk_answered(latency)
+            single.chunk_answered(latency, labels=version)
             single.observe_queue_wait(latency)
-            single.chunks_applied(chunks)
+            single_version.chunks_applied(chunks)
     bulk.chunk_answered(0.001, "ABORTED", chunks=5)
     for _ in range(5):
         single.chunk_answered(0.001, "ABORTED")
@@ -48,45 +50,66 @@ def test_a_frames_reports_equal_as_many_single_reports() -> None:
         }
 
     assert samples(once) == pytest.approx(samples(each))
-    assert once.get_sample_value("conveyor_chunk_latency_seconds_count") == 75
+    assert (
+        once.get_sample_value("conveyor_chunk_latency_seconds_count", {"model": "language", "version": "1"})
+        == 70
+    )
 
 
 def test_every_report_lands_in_its_metric() -> None:
     registry = CollectorRegistry()
     metrics = ConveyorMetrics(registry)
-    metrics.set_model("language", "f00d")
-    metrics.track_sessions(lambda: 3, 256, 100)
+    version = ("language", "2")
+    metrics.version_state(version, "f00d", "loading")
+    metrics.version_state(version, "f00d", "ready")
+    metrics.set_limits(100, 600.0)
+    metrics.track_sessions(version, lambda: 3)
+    metrics.track_state_bytes(lambda: 768)
+    metrics.track_draining(version, lambda: 12.5)
     metrics.observe_queue_wait(0.0002)
     metrics.observe_batch(8, 0.0004)
-    metrics.session_started()
-    metrics.session_ended("ttl", 120.0, 42)
-    metrics.chunks_applied(5)
-    metrics.chunk_answered(0.0003)
-    metrics.chunk_answered(0.0001, "ABORTED")
-    metrics.chunk_answered(0.0001, "ABORTED")
+    sessions = metrics.for_version(version)
+    sessions.session_started()
+    sessions.session_ended("ttl", 120.0, 42)
+    sessions.chunks_applied(5)
+    metrics.chunk_answered(0.0003, labels=version)
+    metrics.chunk_answered(0.0001, "ABORTED", labels=version)
+    metrics.chunk_answered(0.0001, "ABORTED")  # failed before it reached a version: no version labels
     metrics.rpc_handled("conveyor.v1.Conveyor", "Step", "OK", 0.001)
 
     def value(metric: str, **labels: str) -> float | None:
         return registry.get_sample_value(metric, labels)
 
-    assert value("conveyor_model_info", name="language", fingerprint="f00d") == 1
-    assert value("conveyor_sessions_active") == 3 and value("conveyor_state_bytes") == 768
-    assert value("conveyor_sessions_max") == 100
+    ours = {"model": "language", "version": "2"}
+    info = {"name": "language", "version": "2", "fingerprint": "f00d"}
+    assert value("conveyor_model_info", state="ready", **info) == 1
+    assert (
+        value("conveyor_model_info", state="loading", **info) is None
+    )  # one series: the version's state now
+    assert value("conveyor_sessions_active", **ours) == 3 and value("conveyor_state_bytes") == 768
+    assert value("conveyor_sessions_max") == 100 and value("conveyor_model_drain_deadline_seconds") == 600
+    assert value("conveyor_model_draining_seconds", **ours) == 12.5
     assert value("conveyor_queue_wait_seconds_bucket", le="0.00025") == 1
     assert (
         value("conveyor_batch_size_bucket", le="8.0") == 1
         and value("conveyor_batch_size_bucket", le="4.0") == 0
     )
     assert value("conveyor_inference_seconds_sum") == pytest.approx(0.0004)
-    assert value("conveyor_sessions_started_total") == 1
-    assert value("conveyor_sessions_ended_total", reason="ttl") == 1
-    assert value("conveyor_sessions_ended_total", reason="capacity") == 0  # every reason is exported from 0
+    assert value("conveyor_sessions_started_total", **ours) == 1
+    assert value("conveyor_sessions_ended_total", reason="ttl", **ours) == 1
+    for reason in ("capacity", "model_retired"):  # every reason is exported from 0
+        assert value("conveyor_sessions_ended_total", reason=reason, **ours) == 0
     assert (
-        value("conveyor_session_duration_seconds_sum") == 120
-        and value("conveyor_session_timesteps_sum") == 42
+        value("conveyor_session_duration_seconds_sum", **ours) == 120
+        and value("conveyor_session_timesteps_sum", **ours) == 42
     )
-    assert value("conveyor_timesteps_total") == 5 and value("conveyor_chunk_timesteps_count") == 1
-    assert value("conveyor_chunk_latency_seconds_count") == 3
+    assert value("conveyor_timesteps_total", **ours) == 5
+    assert value("conveyor_chunk_timesteps_count", **ours) == 1
+    assert value("conveyor_chunk_latency_seconds_count", **ours) == 2
+    assert value("conveyor_chunk_latency_seconds_count", model="", version="") == 1
+    metrics.untrack_version(version)  # retired: its gauges go
+    assert value("conveyor_sessions_active", **ours) is None
+    assert value("conveyor_model_draining_seconds", **ours) is None
     assert value("conveyor_chunk_errors_total", code="ABORTED") == 2
     labels = {"grpc_service": "conveyor.v1.Conveyor", "grpc_method": "Step"}
     assert value("grpc_server_handled_total", grpc_code="OK", **labels) == 1

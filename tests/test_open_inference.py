@@ -17,7 +17,16 @@ import grpc
 import numpy as np
 import pytest
 from local_services import ServerProcess, replicas_behind_nginx
-from serving_harness import assert_close, assert_error, make_inputs, offline, rejected, running
+from serving_harness import (
+    assert_close,
+    assert_error,
+    infer,
+    make_inputs,
+    offline,
+    rejected,
+    running,
+    v2_output,
+)
 
 from serving.client import ConveyorClient
 from serving.client.core import ROUTE_HEADER
@@ -38,39 +47,6 @@ def server(token_artifact: Path) -> Iterator[RunningServer]:
 def stub(server: RunningServer) -> Iterator[oip_grpc.GRPCInferenceServiceStub]:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield oip_grpc.GRPCInferenceServiceStub(channel)
-
-
-def infer(
-    x: np.ndarray,
-    sequence: int | str,
-    *,
-    start: bool = False,
-    end: bool = False,
-    request_id: str = "",
-    offset: int | None = None,
-    model: str = MODEL,
-) -> oip.ModelInferRequest:
-    """A v2 request carrying token ids `x` of `sequence`, as tritonclient builds one."""
-    request = oip.ModelInferRequest(model_name=model, id=request_id)
-    if isinstance(sequence, str):
-        request.parameters["sequence_id"].string_param = sequence
-    else:
-        request.parameters["sequence_id"].int64_param = sequence
-    request.parameters["sequence_start"].bool_param = start
-    request.parameters["sequence_end"].bool_param = end
-    if offset is not None:
-        request.parameters["sequence_offset"].int64_param = offset
-    request.inputs.add(name="x", datatype="INT64", shape=[1, len(x)])
-    request.raw_input_contents.append(x.astype("<i8").tobytes())
-    return request
-
-
-def output(response: oip.ModelInferResponse) -> np.ndarray:
-    """The response's y, [time, outputs]."""
-    (tensor,) = response.outputs
-    assert tensor.name == "y" and tensor.datatype == "FP32" and tensor.shape[0] == 1
-    values: np.ndarray = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(tensor.shape)[0]
-    return values
 
 
 def cuts(length: int, rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -123,7 +99,7 @@ def test_sequences_over_model_infer_equal_whole_runs_keyed_on_type_and_value(
                 )
                 assert response.id == f"{key}-{step}"
                 assert response.parameters["sequence_steps"].int64_param == b
-                pieces[key].append(output(response))
+                pieces[key].append(v2_output(response))
     for key, x in sequences.items():
         assert_close(np.concatenate(pieces[key]), offline(token_artifact, x))
 
@@ -146,7 +122,7 @@ def test_64_sequences_interleaved_on_one_stream(
     answers = {}
     for response in stub.ModelStreamInfer(iter(requests)):
         assert not response.error_message, response.error_message
-        answers[response.infer_response.id] = output(response.infer_response)
+        answers[response.infer_response.id] = v2_output(response.infer_response)
     assert len(answers) == len(requests)
     for key, x in sequences.items():
         streamed = np.concatenate([answers[f"{key}/{step}"] for step in range(len(plans[key]))])
@@ -166,7 +142,7 @@ def test_errors_on_a_stream_are_in_band_with_the_request_id_and_the_stream_goes_
     requests.put(infer(x, 9001, start=True, end=True, request_id="then-ok"))
     answered = next(responses)
     assert not answered.error_message and answered.infer_response.id == "then-ok"
-    assert_close(output(answered.infer_response), offline(token_artifact, x))
+    assert_close(v2_output(answered.infer_response), offline(token_artifact, x))
     requests.put(None)
     assert list(responses) == []
 
@@ -179,7 +155,7 @@ def test_sequence_offset_makes_a_retry_exactly_once(
     first = stub.ModelInfer(infer(x[4:7], "retried", offset=4))
     again = stub.ModelInfer(infer(x[4:7], "retried", offset=4))  # its answer was lost: sent again
     assert again.parameters["sequence_steps"].int64_param == 7
-    assert np.array_equal(output(first), output(again))
+    assert np.array_equal(v2_output(first), v2_output(again))
     gap = rejected(stub.ModelInfer, infer(x[7:], "retried", offset=8))
     assert_error(
         gap,
@@ -187,7 +163,7 @@ def test_sequence_offset_makes_a_retry_exactly_once(
         r"has consumed 7 steps but the chunk's offset is 8: resend from offset 7",
     )
     last = stub.ModelInfer(infer(x[7:], "retried", offset=7, end=True))
-    assert_close(output(last), offline(token_artifact, x)[7:])
+    assert_close(v2_output(last), offline(token_artifact, x)[7:])
     # Without the offset a request resent is applied again: at-least-once, as Triton's sequences are.
     stub.ModelInfer(infer(x[:4], "appended", start=True))
     stub.ModelInfer(infer(x[4:7], "appended"))
@@ -278,7 +254,7 @@ def test_v2_and_native_clients_share_sessions(
     first = stub.ModelInfer(infer(x[:6], 77, start=True))
     with ConveyorClient(f"127.0.0.1:{server.port}") as client:
         native = client.attach("v2.i.77", offset=6).send(x[6:], end=True)
-    assert_close(np.concatenate([output(first), native]), offline(token_artifact, x))
+    assert_close(np.concatenate([v2_output(first), native]), offline(token_artifact, x))
 
 
 def test_unserved_rpcs_are_unimplemented(server: RunningServer) -> None:
@@ -304,7 +280,7 @@ def test_a_v2_sequence_outlives_kill_9_of_its_replica(token_artifact: Path, tmp_
             if offset == 20:
                 max((one, two), key=ServerProcess.chunks_answered).kill()
             request = infer(x[offset : offset + 4], 31337, start=offset == 0, offset=offset)
-            pieces.append(output(_with_retries(routed, request)))
+            pieces.append(v2_output(_with_retries(routed, request)))
         assert one.process is None or two.process is None
     assert_close(np.concatenate(pieces), offline(token_artifact, x))
 

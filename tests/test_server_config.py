@@ -38,10 +38,13 @@ def test_every_field_has_a_conveyor_variable() -> None:
         "CONVEYOR_REPLAY_MAX_BYTES": "4096",
         "CONVEYOR_STREAM_MAX_BYTES": "1048576",
         "CONVEYOR_MAX_STREAMS": "50",
+        "CONVEYOR_REPOSITORY_POLL_S": "0.5",
+        "CONVEYOR_DRAIN_DEADLINE_S": "120",
         "UNRELATED": "ignored",
     }
     config = ServerConfig.from_env(env)
-    assert len(env) - 1 == len(dataclasses.fields(ServerConfig))
+    # Every field but models_dir, the alternative to model_dir (test_a_model_repository_instead_of_one_model)
+    assert len(env) - 1 == len(dataclasses.fields(ServerConfig)) - 1
     assert config.model_dir == Path("/models/language") and config.host == "0.0.0.0"
     assert (config.port, config.metrics_port, config.max_batch_size, config.max_chunk_steps) == (
         6000,
@@ -61,6 +64,14 @@ def test_every_field_has_a_conveyor_variable() -> None:
     )
     assert config.tokens_file == "/secrets/tokens" and config.replay_max_bytes == 4096
     assert (config.stream_max_bytes, config.max_streams) == (1 << 20, 50)
+    assert (config.repository_poll_s, config.drain_deadline_s) == (0.5, 120.0)
+
+
+def test_a_model_repository_instead_of_one_model() -> None:
+    config = ServerConfig.from_env({"CONVEYOR_MODELS_DIR": "/models"})
+    assert config.models_dir == Path("/models") and config.model_dir is None
+    with pytest.raises(ConfigError, match="exactly one of the two"):
+        ServerConfig.from_env({"CONVEYOR_MODELS_DIR": "/models", "CONVEYOR_MODEL_DIR": "/models/language"})
 
 
 def test_defaults_and_overrides() -> None:

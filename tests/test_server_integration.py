@@ -31,6 +31,7 @@ from serving_harness import (
     connect,
     health_status,
     make_inputs,
+    of_version,
     offline,
     outputs,
     random_cuts,
@@ -192,12 +193,12 @@ def test_metrics_scrape_counts_chunks_and_sessions_without_session_ids(token_art
             stub.Step(chunk("tenant-a-0001", x[:2], 12), timeout=5)
         text, samples = scrape(server)
     assert sorted(kinds) == ["chunk", "chunk", "chunk", "error", "session_ended"]
-    assert samples["conveyor_chunk_latency_seconds_count"] == len(requests) + 1
-    assert samples["conveyor_sessions_active"] == 1
-    assert samples["conveyor_sessions_started_total"] == 2
-    assert samples['conveyor_sessions_ended_total{reason="end"}'] == 1
+    assert samples[of_version("conveyor_chunk_latency_seconds_count")] == len(requests) + 1
+    assert samples[of_version("conveyor_sessions_active")] == 1
+    assert samples[of_version("conveyor_sessions_started_total")] == 2
+    assert samples[of_version("conveyor_sessions_ended_total", reason="end")] == 1
     assert samples['conveyor_chunk_errors_total{code="NOT_FOUND"}'] == 1
-    assert samples["conveyor_timesteps_total"] == 5 + 7 + 12 + 2
+    assert samples[of_version("conveyor_timesteps_total")] == 5 + 7 + 12 + 2
     assert samples["conveyor_state_bytes"] == 2 * 1 * 32 * 4
     row_bytes = 4 * offline(token_artifact, x[:1]).shape[1]  # one timestep's outputs
     held = {kind: samples[f'conveyor_held_bytes{{kind="{kind}"}}'] for kind in HELD_KINDS}
@@ -209,7 +210,8 @@ def test_metrics_scrape_counts_chunks_and_sessions_without_session_ids(token_art
     }
     assert samples["conveyor_batch_size_count"] == samples["conveyor_inference_seconds_count"] >= 1
     fingerprint = card(token_artifact)["onnx_sha256"]
-    assert samples[f'conveyor_model_info{{fingerprint="{fingerprint}",name="language"}}'] == 1
+    info = f'conveyor_model_info{{fingerprint="{fingerprint}",name="language",state="ready",version="1"}}'
+    assert samples[info] == 1
     step_ok = (
         'grpc_server_handled_total{grpc_code="OK",grpc_method="Step",grpc_service="conveyor.v1.Conveyor"}'
     )
@@ -318,12 +320,12 @@ def test_serve_logs_its_ports_then_stops_cleanly_on_sigterm(token_artifact: Path
     process = subprocess.Popen([sys.executable, "-c", _SERVE], env=env, stderr=subprocess.PIPE, text=True)
     try:
         assert process.stderr is not None
-        ready = process.stderr.readline()
-        found = re.search(
-            r"serving model language \(fingerprint ([0-9a-f]{64})\) on 127\.0\.0\.1:(\d+)", ready
-        )
-        assert found and found[1] == card(token_artifact)["onnx_sha256"], ready
-        with grpc.insecure_channel(f"127.0.0.1:{found[2]}") as channel:
+        model, ready = process.stderr.readline(), process.stderr.readline()
+        version = re.search(r"model language version 1: ready \(fingerprint ([0-9a-f]{64})\)", model)
+        assert version and version[1] == card(token_artifact)["onnx_sha256"], model
+        found = re.search(r"serving on 127\.0\.0\.1:(\d+) \(gRPC\)", ready)
+        assert found, ready
+        with grpc.insecure_channel(f"127.0.0.1:{found[1]}") as channel:
             request = health_pb2.HealthCheckRequest()
             assert (
                 health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status

@@ -143,6 +143,8 @@ def serve(args: argparse.Namespace) -> None:
 
     flags: dict[str, Any] = {
         "model_dir": args.model,
+        "models_dir": args.models,
+        "drain_deadline_s": args.drain_deadline,
         "host": args.host,
         "port": args.port,
         "metrics_port": args.metrics_port,
@@ -177,9 +179,19 @@ def stream(args: argparse.Namespace) -> None:
         keep=args.keep,
         tls=Tls(args.ca, args.cert, args.key) if args.tls or args.ca or args.cert or args.key else None,
         token=args.token or os.environ.get("CONVEYOR_TOKEN"),
+        model=args.model or "",
+        model_version=args.model_version or "",
     )
     with _user_errors(StreamError):
         run_stream(options)
+
+
+def models(args: argparse.Namespace) -> None:
+    from serving.cli.models import list_models
+    from serving.client import ConveyorError
+
+    with _user_errors(ConveyorError):
+        list_models(args.target, args.token or os.environ.get("CONVEYOR_TOKEN"))
 
 
 def token(args: argparse.Namespace) -> None:

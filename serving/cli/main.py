@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_card(sub)
     _add_experiment(sub)
     _add_serve(sub)
+    _add_models(sub)
     _add_stream(sub)
     _add_demo(sub)
     _add_vad(sub)
@@ -192,7 +193,14 @@ def _add_serve(sub: Subparsers) -> None:
     p = _command(
         sub, "serve", "Serve an exported model over gRPC (flags override CONVEYOR_* env).", commands.serve
     )
-    p.add_argument("--model", type=Path, help="artifact directory with model.onnx and model.json")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, help="artifact directory with model.onnx and model.json")
+    source.add_argument(
+        "--models", type=Path, help="a model repository, DIR/<name>/<version>/ (docs/repository.md), watched"
+    )
+    p.add_argument(
+        "--drain-deadline", type=float, help="seconds a replaced version serves its sessions before they end"
+    )
     p.add_argument("--host", help="address to bind, e.g. 0.0.0.0")
     p.add_argument("--port", type=int, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port")
@@ -229,6 +237,15 @@ def _add_stream(sub: Subparsers) -> None:
     p.add_argument("--tls", action="store_true", help="TLS with the system's roots (implied by --ca, --cert)")
     p.add_argument("--cert", type=Path, help="mutual TLS: this client's PEM certificate (with --key)")
     p.add_argument("--key", type=Path, help="mutual TLS: the private key of --cert")
+    p.add_argument("--token", help="bearer token, for a server with tenants (or CONVEYOR_TOKEN)")
+    p.add_argument("--model", help="the model, on a server of several (conveyor models lists them)")
+    p.add_argument("--model-version", help="the version to begin on, a number or label (default: newest)")
+
+
+def _add_models(sub: Subparsers) -> None:
+    help_text = "List the models a server holds, each version with its state, labels and sessions."
+    p = _command(sub, "models", help_text, commands.models)
+    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
     p.add_argument("--token", help="bearer token, for a server with tenants (or CONVEYOR_TOKEN)")
 
 

@@ -44,6 +44,8 @@ class StreamOptions:
     connect_timeout_s: float = 5.0
     tls: Tls | None = None  # TLS to the server (a CA to trust, a client certificate for mutual TLS)
     token: str | None = None  # bearer token, for a server with tenants
+    model: str = ""  # the model, on a server of several; "": its only one
+    model_version: str = ""  # the version (number or label) to begin on; "": the newest ready
     progress: bool = True  # tqdm bar on stderr
 
 
@@ -62,7 +64,10 @@ def stream(options: StreamOptions, out: TextIO | None = None) -> StreamResult:
         raise StreamError(f"chunk steps must be >= 1, got {options.chunk_steps}")
     data = _read_bytes(options.input)  # before connecting: a wrong path fails at once
     try:
-        client = ConveyorClient(options.target, ClientOptions(tls=options.tls, token=options.token))
+        addressed = ClientOptions(
+            tls=options.tls, token=options.token, model=options.model, model_version=options.model_version
+        )
+        client = ConveyorClient(options.target, addressed)
     except ConveyorError as exc:  # e.g. a certificate file that cannot be read
         raise StreamError(f"cannot connect to {options.target}: {exc.message}") from None
     with client:

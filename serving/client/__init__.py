@@ -7,7 +7,16 @@ The client side of the wire: it imports nothing of the server, so it installs an
 """
 
 from serving.client.aio import AsyncConveyorClient, AsyncSession
-from serving.client.core import ClientOptions, ConveyorError, ModelInfo, Outputs, RetryPolicy, Snapshot, Tls
+from serving.client.core import (
+    ClientOptions,
+    ConveyorError,
+    ModelInfo,
+    ModelVersion,
+    Outputs,
+    RetryPolicy,
+    Snapshot,
+    Tls,
+)
 from serving.client.sync import ConveyorClient, Session
 
 __all__ = [
@@ -17,6 +26,7 @@ __all__ = [
     "ConveyorClient",
     "ConveyorError",
     "ModelInfo",
+    "ModelVersion",
     "Outputs",
     "RetryPolicy",
     "Session",

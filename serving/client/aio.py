@@ -33,6 +33,7 @@ from serving.client.core import (
     ClientOptions,
     ConveyorError,
     ModelInfo,
+    ModelVersion,
     Outputs,
     ReadinessCheck,
     Snapshot,
@@ -93,6 +94,11 @@ class AsyncConveyorClient:
     async def model_info(self) -> ModelInfo:
         """Describe the served model."""
         return ModelInfo.from_proto(await self._unary(self._stub.GetModelInfo, pb.ModelInfoRequest()))
+
+    async def models(self) -> list[ModelVersion]:
+        """Every model version the server holds, with its state."""
+        listed: pb.ListModelsResponse = await self._unary(self._stub.ListModels, pb.ListModelsRequest())
+        return [ModelVersion.from_proto(version) for version in listed.versions]
 
     def session(
         self,
@@ -195,6 +201,7 @@ class AsyncConveyorClient:
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]], request: Any) -> T:
         backoffs = self.options.retry.backoffs()
+        self.options.address(request)
         while True:
             if isinstance(request, pb.ChunkRequest):
                 request.request_id = str(next(self._request_ids))

@@ -109,6 +109,19 @@ class ClientOptions:
     route_key: str | None = None  # the Stream's routing key (ROUTE_HEADER); None: one of the client's own
     tls: Tls | None = None  # None: plaintext
     token: str | None = None  # a bearer token, for a server with tenants (conveyor token makes one)
+    model: str = ""  # the model, on a server of several (ListModels names them); "": the server's only one
+    # The version new sessions begin on: a number or a label of the server's repository; "": the newest ready.
+    # A session stays on the version it began on (its chunks then name that version).
+    model_version: str = ""
+
+    def address(self, request: Any) -> None:
+        """Name the model in a request (a chunk, frame, model query, end or snapshot), and the version new
+        sessions begin on in a start or a model query that names none."""
+        if hasattr(request, "model") and not request.model:  # ListModelsRequest names none
+            request.model = self.model
+        starts = isinstance(request, pb.ChunkRequest) and request.start
+        if (starts or isinstance(request, pb.ModelInfoRequest)) and not request.model_version:
+            request.model_version = self.model_version
 
     def open_channel(self, grpc_module: Any, target: str) -> Any:
         """A channel to `target` made by `grpc_module` (grpc, or grpc.aio: the same two factories), with TLS
@@ -193,6 +206,8 @@ class ModelInfo:
     constants: tuple[tuple[str, tuple[int | float, ...]], ...] = ()  # (name, values) fed on every run
     window: int = 0  # a framed model: samples per window (a step is a sample); 0 otherwise
     context: int = 0
+    version: int = 1  # the version described, and its state ("ready", "draining")
+    version_state: str = "ready"
 
     @classmethod
     def from_proto(cls, message: pb.ModelInfo) -> ModelInfo:
@@ -210,6 +225,25 @@ class ModelInfo:
     def takes_tokens(self) -> bool:
         """True for token models (int64 ids in), False for feature models (float32 vectors in)."""
         return self.input_kind == "tokens"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version of one model a server holds, as ListModels describes it (ModelVersionStatus)."""
+
+    model: str
+    version: int
+    state: str  # "loading", "ready", "draining", "retired" or "failed"
+    fingerprint: str
+    labels: tuple[str, ...]
+    sessions: int
+    message: str  # why a failed version did not load
+
+    @classmethod
+    def from_proto(cls, message: pb.ModelVersionStatus) -> ModelVersion:
+        """Copy a ModelVersionStatus message into this immutable form."""
+        values = {field.name: getattr(message, field.name) for field in fields(cls)}
+        return cls(**{**values, "labels": tuple(message.labels)})
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ class SessionCursor:
         "__weakref__",
         "end_reason",
         "ended",
+        "model_version",
         "offset",
         "outputs",
         "reset",
@@ -63,6 +64,7 @@ class SessionCursor:
         self.reset = reset
         self.snapshot = snapshot
         self.ended = False
+        self.model_version = ""  # the version the server began it on, named by every later chunk
         self.end_reason: str | None = None  # set from the Stream's SessionEnded notices (asyncio client)
 
     def request(self, chunk: np.ndarray | list[Any], end: bool) -> pb.ChunkRequest:
@@ -78,6 +80,7 @@ class SessionCursor:
             reset=self.reset,
             snapshot=self.snapshot,
             outputs=pb.OutputMode.ValueType(self.outputs),
+            model_version=self.model_version,
         )
 
     def accept(self, response: pb.ChunkResponse) -> np.ndarray:
@@ -88,6 +91,8 @@ class SessionCursor:
         self.reset = False
         self.snapshot = b""
         self.ended = response.ended
+        if response.model_version:
+            self.model_version = str(response.model_version)
         try:
             return decode(response.outputs)
         except TensorDecodeError as exc:

@@ -66,7 +66,8 @@ class FramePacker:
 
 
 def _frames(queued: list[_Queued]) -> list[list[_Queued]]:
-    """Groups of chunks that can share a frame: one shape, dtype and output mode, each session once. A chunk
+    """Groups of chunks that can share a frame: one shape, dtype, output mode, model and version (a session
+    names the version it began on; every session of a frame runs on one), each session once. A chunk
     whose tensor does not parse goes alone: in a frame, it would make the whole frame's tensor unreadable and
     fail its neighbours with it."""
     groups: dict[tuple[object, ...], list[list[_Queued]]] = {}
@@ -76,7 +77,13 @@ def _frames(queued: list[_Queued]) -> list[list[_Queued]]:
         if not _parses(request.inputs):
             alone.append([item])  # the server answers its error, for it alone
             continue
-        key = (tuple(request.inputs.shape), request.inputs.dtype, request.outputs)
+        key = (
+            tuple(request.inputs.shape),
+            request.inputs.dtype,
+            request.outputs,
+            request.model,
+            request.model_version,
+        )
         frames = groups.setdefault(key, [[]])
         taken = {queued_request.session_id for queued_request, _ in frames[-1]}
         if request.session_id and request.session_id in taken:
@@ -94,7 +101,7 @@ def _parses(tensor: pb.Tensor) -> bool:
 
 
 def pack(requests: list[pb.ChunkRequest], frame_id: str) -> pb.Frame:
-    """One frame of `requests` (same shape, dtype and output mode; distinct sessions)."""
+    """One frame of `requests` (same shape, dtype, output mode, model and version; distinct sessions)."""
     first = requests[0].inputs
     frame = pb.Frame(
         frame_id=frame_id,
@@ -105,6 +112,8 @@ def pack(requests: list[pb.ChunkRequest], frame_id: str) -> pb.Frame:
         reset=[request.reset for request in requests],
         outputs=requests[0].outputs,
         snapshots=[request.snapshot for request in requests],
+        model=requests[0].model,
+        model_version=requests[0].model_version,
     )
     frame.inputs.dtype = first.dtype
     frame.inputs.shape[:] = [len(requests), *first.shape]
@@ -115,7 +124,7 @@ def pack(requests: list[pb.ChunkRequest], frame_id: str) -> pb.Frame:
 def join_parts(parts: list[pb.FrameResult]) -> pb.FrameResult:
     """One FrameResult of a frame's parts (consecutive sessions each, in order), as if it had come whole."""
     parts = sorted(parts, key=lambda part: part.first_index)
-    joined = pb.FrameResult(frame_id=parts[0].frame_id)
+    joined = pb.FrameResult(frame_id=parts[0].frame_id, model_version=parts[0].model_version)
     for part in parts:
         joined.session_ids.extend(part.session_ids)
         joined.steps.extend(part.steps)
@@ -149,6 +158,8 @@ def unpack(frame: pb.Frame, result: pb.FrameResult) -> list[pb.ChunkResponse | C
                 outputs=encode(np.ascontiguousarray(_own(outputs, result.output_steps, index))),
                 ended=result.ended[index],
                 replayed=result.replayed[index],
+                model=frame.model,
+                model_version=result.model_version,
             )
         )
     return answers

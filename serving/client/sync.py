@@ -29,6 +29,7 @@ from serving.client.core import (
     ClientOptions,
     ConveyorError,
     ModelInfo,
+    ModelVersion,
     Outputs,
     ReadinessCheck,
     Snapshot,
@@ -78,6 +79,11 @@ class ConveyorClient:
         """Describe the served model."""
         return ModelInfo.from_proto(self._call(self._stub.GetModelInfo, pb.ModelInfoRequest()))
 
+    def models(self) -> list[ModelVersion]:
+        """Every model version the server holds, with its state."""
+        listed: pb.ListModelsResponse = self._call(self._stub.ListModels, pb.ListModelsRequest())
+        return [ModelVersion.from_proto(version) for version in listed.versions]
+
     def session(
         self, session_id: str | None = None, *, outputs: Outputs = Outputs.ALL, reset: bool = False
     ) -> Session:
@@ -115,6 +121,7 @@ class ConveyorClient:
 
     def _call(self, method: Callable[..., T], request: Any) -> T:
         backoffs = self.options.retry.backoffs()
+        self.options.address(request)
         while True:
             try:
                 metadata = call_metadata(self.options, getattr(request, "session_id", ""))

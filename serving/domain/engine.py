@@ -42,7 +42,7 @@ from serving.domain.locks import Admission
 from serving.domain.notices import Watcher
 from serving.domain.sessions.lifecycle import Sessions
 from serving.domain.sessions.replays import EndedReplay
-from serving.domain.sessions.store import EndReason, Session
+from serving.domain.sessions.store import EndReason, Session, SessionEnd
 from serving.domain.stepping import BlockResult, Stepper
 
 _T = TypeVar("_T")
@@ -68,6 +68,7 @@ class Engine:
             sessions.add_listener(listener)
         self._admission = Admission()
         self._closed = False  # set once every session has ended at shutdown: nothing more is committed
+        self._new_refused: ServingError | None = None  # set while the version drains: no new sessions
 
     @property
     def accepting(self) -> bool:
@@ -127,13 +128,53 @@ class Engine:
         """Stop telling `watcher` about these sessions (its stream has closed)."""
         self._contract.unwatch([session_key(namespace, s) for s in session_ids], watcher)
 
+    @property
+    def live_sessions(self) -> int:
+        """Sessions live in this engine's store."""
+        return len(self._sessions)
+
+    async def count_live(self) -> int:
+        """Sessions live in the store as it stands now (a shared store: on every server), the expired ended
+        first."""
+        await self._sessions.sweep()  # a shared store's count is refreshed by its sweeps
+        return len(self._sessions)
+
+    async def holds(self, session_id: str, namespace: str = "") -> bool:
+        """Whether the session is live here."""
+        return await self._sessions.find(session_key(namespace, session_id)) is not None
+
+    def on_end(self, listener: Callable[[SessionEnd], None]) -> None:
+        """Call `listener` with every session that ends, whatever the reason."""
+        self._sessions.add_listener(listener)
+
+    def refuse_new(self, error: ServingError) -> None:
+        """From now on a chunk that would create a session fails with `error` (its version drains); the live
+        sessions go on."""
+        self._new_refused = error
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes held for this engine's sessions, by kind (`Sessions.held_bytes`)."""
+        return self._sessions.held_bytes()
+
     async def close(self, grace_s: float) -> None:
         """Refuse new work and give in-flight chunks `grace_s` to finish. Then every session ends (shutdown),
         unless the store keeps them for the next server."""
+        await self._stop(grace_s)
+        await self._sessions.shutdown()
+
+    async def retire(self, grace_s: float, end_left: bool) -> None:
+        """As `close`, but with `end_left` every session left ends, durable store or not, with reason
+        model_retired: the version is unloaded for good. Without, the store is left alone (a shared store
+        may meanwhile hold sessions another server began on this version, while it had not yet loaded the one
+        replacing it)."""
+        await self._stop(grace_s)
+        if end_left:
+            await self._sessions.end_all(EndReason.MODEL_RETIRED)
+
+    async def _stop(self, grace_s: float) -> None:
         self._sessions.stop_sweeper()
         await self._admission.close(grace_s)
         self._closed = True
-        await self._sessions.shutdown()
 
     def _job(self, chunk: Chunk, watcher: Watcher | None, backlog: Backlog | None = None) -> Job:
         """The checked chunk."""
@@ -160,8 +201,11 @@ class Engine:
         return None if found is not None else self._sessions.ended_replay(key)
 
     def _admit(self, run: Run) -> None:
-        """`CapacityExceededError` when `run` would create a session and no more fit."""
+        """`CapacityExceededError` when `run` would create a session and no more fit; the drain's error when
+        it would create one while the version drains."""
         if run.previous is None:
+            if self._new_refused is not None:
+                raise self._new_refused
             self._sessions.check_capacity()
 
     async def _commit(

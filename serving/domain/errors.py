@@ -23,7 +23,46 @@ class ModelNotServedError(ServingError):
 
     def __init__(self, name: str, version: str, served: str) -> None:
         which = f"{name!r} version {version!r}" if version else repr(name)
-        super().__init__(f"model {which} is not served here: this server serves {served!r} (version 1)")
+        super().__init__(f"model {which} is not served here: this server serves {served}")
+
+
+class ModelNotNamedError(ServingError):
+    """A request names no model, and the server serves several."""
+
+    def __init__(self, served: str) -> None:
+        super().__init__(
+            f"this server serves several models ({served}): name one in the request's model field"
+        )
+
+
+class VersionUnavailableError(ServingError):
+    """A new session asked for a version that takes none: it is draining (a newer one replaced it)."""
+
+    def __init__(self, name: str, version: int, state: str) -> None:
+        super().__init__(
+            f"model {name!r} version {version} is {state} and takes no new sessions: leave model_version "
+            "empty to begin on the newest ready version"
+        )
+
+
+class SessionPinnedError(ServingError):
+    """A chunk names a version other than the one its session began on; a session never changes version."""
+
+    def __init__(self, session_id: str, name: str, version: int) -> None:
+        super().__init__(
+            f"session {session_id!r} runs on model {name!r} version {version}, pinned at its start: "
+            "name that version or none, or start a session with another id"
+        )
+
+
+class VersionRetiredError(ServingError):
+    """The session's version was retired (drained past the deadline) and the session ended with it."""
+
+    def __init__(self, session_id: str, name: str, version: int) -> None:
+        super().__init__(
+            f"session {session_id!r} ran on model {name!r} version {version}, which has been retired and "
+            "ended it: start a new session (it begins on the newest ready version)"
+        )
 
 
 class InvalidSessionIdError(ServingError):
@@ -40,6 +79,17 @@ class SessionNotFoundError(ServingError):
     def __init__(self, session_id: str) -> None:
         super().__init__(
             f"session {session_id!r} expired or never started: send a chunk with start to begin it"
+        )
+
+
+class SessionNotServedError(ServingError):
+    """A continuing session is live on none of the model's versions this server holds."""
+
+    def __init__(self, session_id: str, name: str, versions: str) -> None:
+        super().__init__(
+            f"session {session_id!r} is live on no version of model {name!r} this server holds ({versions}): "
+            "it expired, never started, or began on a version this server has not loaded; start it again, "
+            "or send it to a server that holds its version",
         )
 
 

@@ -1,4 +1,5 @@
-"""Wiring: model -> store -> batcher -> engine -> servicer; health, reflection, /metrics, graceful stop.
+"""Wiring: models -> (per version) store -> batcher -> engine -> servicer; health, reflection, /metrics,
+graceful stop.
 
 The gRPC server runs on its own asyncio loop in a background thread, so `build_server` returns a handle that
 plain (synchronous) code drives: the CLI's `serve`, and tests that share one server across a module.
@@ -8,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import gc
 import logging
-import math
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from wsgiref.simple_server import WSGIServer
@@ -24,21 +26,17 @@ from prometheus_client import (
     CollectorRegistry,
 )
 
-from modelcard import ModelSpec
-from serving.domain.batcher import Batcher
-from serving.domain.chunks import ServedModel
-from serving.domain.engine import Engine
+from serving.domain.errors import ModelLoadError
+from serving.domain.models import Models, Version, VersionState
 from serving.domain.runner import StepRunner
-from serving.domain.sessions.lifecycle import SessionLimits, Sessions
 from serving.server.auth import Tenants
 from serving.server.config import ServerConfig
 from serving.server.endpoints import bind, close_http, grpc_server, process_registry, set_health
 from serving.server.metrics import ConveyorMetrics
 from serving.server.oip_service import InferenceServicer
-from serving.server.onnx_runner import OnnxStepRunner
 from serving.server.outbox import StreamLimits
+from serving.server.repository import Repository, Serving, load_runner, serve_version
 from serving.server.service import ConveyorServicer
-from serving.server.stores import open_store
 from serving.server.streams import ChunkCounter, ServingParts, Streams
 
 logger = logging.getLogger(__name__)
@@ -54,10 +52,9 @@ class _App:
 
     server: grpc.aio.Server
     health: health.aio.HealthServicer
-    engine: Engine
+    models: Models
+    repository: Repository | None
     streams: Streams
-    batcher: Batcher
-    close_store: Callable[[], Awaitable[None]]
     http: WSGIServer  # serves /metrics
     port: int
     metrics_port: int
@@ -66,11 +63,11 @@ class _App:
     async def stop(self, grace_s: float) -> None:
         """Health NOT_SERVING, in-flight chunks finish, sessions end (shutdown), streams close, then stop."""
         await self.health.enter_graceful_shutdown()
-        await self.engine.close(grace_s)
+        if self.repository is not None:
+            self.repository.stop()
+        await self.models.close(grace_s)
         self.streams.close()
         await self.server.stop(_FINAL_GRACE_S)
-        self.batcher.close()
-        await self.close_store()
         await asyncio.to_thread(close_http, self.http)
         self.stopped.set()
 
@@ -81,14 +78,12 @@ class RunningServer:
     def __init__(
         self,
         app: _App,
-        spec: ModelSpec,
         config: ServerConfig,
         loop: asyncio.AbstractEventLoop,
         thread: threading.Thread,
     ) -> None:
         self.port = app.port
         self.metrics_port = app.metrics_port
-        self.spec = spec
         self._app, self._config, self._loop, self._thread = app, config, loop, thread
         self._stopping: concurrent.futures.Future[None] | None = None
         self._lock = threading.Lock()
@@ -106,6 +101,20 @@ class RunningServer:
         """Stop gracefully (in-flight chunks get `grace_s`, default the config's) and wait until it has."""
         self.request_stop(grace_s).result()
         self._thread.join()
+
+    def versions(self) -> list[Version]:
+        """The model versions the server holds now (a copy, read on its loop)."""
+
+        async def read() -> list[Version]:
+            return [dataclasses.replace(v) for v in self._app.models.versions()]
+
+        return asyncio.run_coroutine_threadsafe(read(), self._loop).result()
+
+    def rescan(self) -> None:
+        """Look at the model repository now rather than at the next poll (for tests and tools); wait for the
+        scan, loads included."""
+        if self._app.repository is not None:
+            asyncio.run_coroutine_threadsafe(self._app.repository.scan(), self._loop).result()
 
     def wait(self) -> None:
         """Block until the server has stopped."""
@@ -125,18 +134,17 @@ def build_server(
     runner: StepRunner | None = None,
     clock: Callable[[], float] | None = None,
 ) -> RunningServer:
-    """Load the model, start gRPC and /metrics, and return once health says SERVING.
+    """Load the model (or the repository's models), start gRPC and /metrics, and return once health says
+    SERVING.
 
     Port 0 (gRPC or metrics) binds a free port; the handle's `port` and `metrics_port` are the real ones.
     `runner` replaces loading `config.model_dir`; `clock` replaces the store's clock for session expiry (both
-    for tests). Raises `ModelLoadError` when the model cannot be served, `StoreUnavailableError` when the
-    session store cannot be reached, `OSError` or `RuntimeError` when a port is taken.
+    for tests). Raises `ModelLoadError` when the model cannot be served (or the repository holds none that
+    can), `StoreUnavailableError` when the session store cannot be reached, `OSError` or `RuntimeError` when a
+    port is taken.
     """
-    runner = runner or OnnxStepRunner.load(
-        config.model_dir,
-        intra_op_threads=config.ort_intra_op_threads,
-        parallel_calls=config.ort_parallel_calls,
-    )
+    if runner is None and config.model_dir is not None:
+        runner = load_runner(config, config.model_dir)
     registry = registry or process_registry()
     started: concurrent.futures.Future[tuple[_App, asyncio.AbstractEventLoop]] = concurrent.futures.Future()
     thread = threading.Thread(
@@ -144,7 +152,7 @@ def build_server(
     )
     thread.start()
     app, loop = started.result()
-    return RunningServer(app, runner.spec, config, loop, thread)
+    return RunningServer(app, config, loop, thread)
 
 
 def settle_heap() -> None:
@@ -160,11 +168,16 @@ def serve(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully. Logs the ports and the model once ready."""
     server = build_server(config)
     settle_heap()
-    spec = server.spec
+    for version in server.versions():
+        logger.info(
+            "model %s version %d: %s (fingerprint %s)",
+            version.name,
+            version.number,
+            version.state.value,
+            version.fingerprint,
+        )
     logger.info(
-        "serving model %s (fingerprint %s) on %s:%d (gRPC), metrics on http://%s:%d/metrics",
-        spec.name,
-        spec.fingerprint,
+        "serving on %s:%d (gRPC), metrics on http://%s:%d/metrics",
         config.host,
         server.port,
         config.host,
@@ -184,7 +197,7 @@ def serve(config: ServerConfig) -> None:
 def _run_loop(
     config: ServerConfig,
     registry: CollectorRegistry,
-    runner: StepRunner,
+    runner: StepRunner | None,
     clock: Callable[[], float] | None,
     started: concurrent.futures.Future[tuple[_App, asyncio.AbstractEventLoop]],
 ) -> None:
@@ -201,62 +214,74 @@ def _run_loop(
 
 
 async def _start(
-    config: ServerConfig, registry: CollectorRegistry, runner: StepRunner, clock: Callable[[], float] | None
+    config: ServerConfig,
+    registry: CollectorRegistry,
+    runner: StepRunner | None,
+    clock: Callable[[], float] | None,
 ) -> _App:
-    spec = runner.spec
     tenants = Tenants.load(config.tokens_file) if config.tokens_file else None  # before anything is opened
     metrics = ConveyorMetrics(registry)
-    metrics.set_model(spec.name, spec.fingerprint)
-    limits = SessionLimits(
-        idle_ttl_s=config.idle_ttl_s,
-        lifetime_s=config.session_lifetime_s,
-        max_sessions=config.max_sessions,
-        evict_lru=config.evict_lru_at_capacity,
-        replay_window_s=config.replay_window_s,
-    )
-    model = ServedModel(spec, config.max_chunk_steps, config.idle_ttl_s, config.replay_max_bytes)
-    opened = await open_store(config, model, metrics)
-    sessions = Sessions(opened.store, limits, clock=clock or opened.clock)
-    metrics.track_sessions(sessions.__len__, math.prod(model.state_shape) * 4, config.max_sessions)
-    batcher = Batcher(
-        runner,
-        max_batch_size=config.max_batch_size,
-        max_delay_ms=config.max_delay_ms,
-        inline_max_ms=config.inline_batch_max_ms,
-        metrics=metrics,
-    )
-    engine = Engine(model, sessions, batcher, metrics, tenants.quotas() if tenants else None)
+    metrics.set_limits(config.max_sessions, config.drain_deadline_s)
+    models = Models(pins_max=4 * config.max_sessions, on_state=_publisher(metrics))
+    serving = Serving(config, metrics, tenants.quotas() if tenants else None, clock)
+    repository = await _load_models(models, runner, serving)
+    metrics.track_state_bytes(models.state_bytes)
     stream_limits = StreamLimits(config.max_inflight_per_stream, config.stream_max_bytes, config.max_streams)
-    streams = Streams(engine, stream_limits)
-    parts = ServingParts(engine, streams, ChunkCounter(metrics), tenants)
+    streams = Streams(models, stream_limits)
+    parts = ServingParts(models, streams, ChunkCounter(metrics), tenants)
     servicer, inference = ConveyorServicer(parts), InferenceServicer(parts)
-    metrics.track_held_bytes(lambda: {**sessions.held_bytes(), "stream": streams.held_bytes()})
+    metrics.track_held_bytes(lambda: {**models.held_bytes(), "stream": streams.held_bytes()})
     server, health_servicer = grpc_server(servicer, inference, metrics)
     await set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
         port, http = bind(server, config, registry)
     except BaseException:
-        await opened.close()
+        await models.close(0)
         raise
     try:
         await server.start()
     except BaseException:
         close_http(http)
-        await opened.close()
+        await models.close(0)
         raise
-    sessions.start_sweeper(config.sweep_interval_s)
-    # The runner was loaded and warmed up before this point: ready to serve.
+    if repository is not None:
+        repository.start()
+    # The runners were loaded and warmed up before this point: ready to serve.
     await set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = int(http.server_address[1])
     return _App(
-        server,
-        health_servicer,
-        engine,
-        streams,
-        batcher,
-        opened.close,
-        http,
-        port,
-        metrics_port,
-        asyncio.Event(),
+        server, health_servicer, models, repository, streams, http, port, metrics_port, asyncio.Event()
     )
+
+
+async def _load_models(models: Models, runner: StepRunner | None, serving: Serving) -> Repository | None:
+    """The one model as version 1 (`runner`), or the repository's models (scanned once; then watched, the
+    returned repository); `ModelLoadError` when none could be loaded."""
+    root = serving.config.models_dir
+    if root is None:
+        assert runner is not None  # build_server loaded it
+        await serve_version(models, models.loading(runner.spec.name, 1), runner, serving)
+        return None
+    repository = Repository(root, models, serving)
+    await repository.scan()
+    if not any(version.live for version in models.versions()):
+        failed = "; ".join(f"{v.name}/{v.number}: {v.message}" for v in models.versions())
+        await models.close(0)
+        raise ModelLoadError(f"the model repository {root} holds no model that loads ({failed or 'empty'})")
+    return repository
+
+
+def _publisher(metrics: ConveyorMetrics) -> Callable[[Version], None]:
+    """What publishes each version's state as metrics: its info series, its draining time, its gauges gone
+    once retired."""
+
+    def publish(version: Version) -> None:
+        labels = version.labels
+        metrics.version_state(labels, version.fingerprint, version.state.value)
+        since = version.draining_since
+        if version.state is VersionState.DRAINING and since is not None:
+            metrics.track_draining(labels, lambda: time.monotonic() - since)
+        if version.state is VersionState.RETIRED:
+            metrics.untrack_version(labels)
+
+    return publish

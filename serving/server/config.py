@@ -24,7 +24,14 @@ class ConfigError(ValueError):
 class ServerConfig:
     """Everything `build_server` needs. Times carry their unit in the name; 0 ports bind a free port."""
 
-    model_dir: Path  # artifact directory holding model.onnx + model.json
+    # The one model served: an artifact directory holding model.onnx + model.json. Or, instead, a model
+    # repository (docs/repository.md): DIR/<name>/<version>/ artifact directories, watched while serving.
+    model_dir: Path | None = None
+    models_dir: Path | None = None
+    repository_poll_s: float = 2.0  # how often the model repository is looked at for new or removed versions
+    # A draining version (replaced by a newer one) serves its live sessions this long at most; then the
+    # sessions left end with reason model_retired and it is unloaded.
+    drain_deadline_s: float = 600.0
     host: str = "127.0.0.1"  # interface for gRPC and /metrics; containers set 0.0.0.0
     port: int = 50051  # gRPC
     metrics_port: int = 9464  # Prometheus /metrics over HTTP
@@ -81,9 +88,20 @@ class ServerConfig:
         ):
             _check(name, getattr(self, name) >= 1, "an integer >= 1")
         _check("ort_intra_op_threads", self.ort_intra_op_threads >= 0, "an integer >= 0 (0: ORT decides)")
-        for name in ("idle_ttl_s", "session_lifetime_s", "sweep_interval_s", "replay_window_s"):
+        _check(
+            "model_dir",
+            (self.model_dir is None) != (self.models_dir is None),
+            "set, or models_dir instead (exactly one of the two)",
+        )
+        for name in (
+            "idle_ttl_s",
+            "session_lifetime_s",
+            "sweep_interval_s",
+            "replay_window_s",
+            "repository_poll_s",
+        ):
             _check(name, getattr(self, name) > 0, "a number of seconds > 0")
-        for name in ("max_delay_ms", "inline_batch_max_ms", "grace_s"):
+        for name in ("max_delay_ms", "inline_batch_max_ms", "grace_s", "drain_deadline_s"):
             _check(name, getattr(self, name) >= 0, "a number >= 0")
         _check("store", self.store == "memory" or self.store.startswith(_REDIS_SCHEMES), _STORE_FORMS)
         _check("tls_key", bool(self.tls_cert) == bool(self.tls_key), "set together with tls_cert")
@@ -94,7 +112,7 @@ class ServerConfig:
         """Build a config from `CONVEYOR_*` variables in `env`; `overrides` (e.g. CLI flags) win over them.
 
         Raises `ConfigError` naming the variable when a value does not parse or is out of range, or when
-        `CONVEYOR_MODEL_DIR` is missing and no `model_dir` override is given.
+        neither `CONVEYOR_MODEL_DIR` nor `CONVEYOR_MODELS_DIR` (nor an override of either) is given.
         """
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
@@ -102,9 +120,10 @@ class ServerConfig:
             if variable in env:
                 values[field.name] = _parse(variable, env[variable], str(field.type))
         values.update(overrides)
-        if "model_dir" not in values:
+        if values.get("model_dir") is None and values.get("models_dir") is None:
             raise ConfigError(
-                f"{ENV_PREFIX}MODEL_DIR is not set: give the artifact directory (model.onnx, model.json)"
+                f"{ENV_PREFIX}MODEL_DIR is not set: give the artifact directory (model.onnx, model.json), or "
+                f"{ENV_PREFIX}MODELS_DIR, a model repository"
             )
         return cls(**values)
 
@@ -124,7 +143,7 @@ def _parse_bool(text: str) -> bool:
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
-    "Path": Path,
+    "Path | None": Path,
     "str": str,
     "int": int,
     "float": float,

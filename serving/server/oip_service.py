@@ -1,6 +1,7 @@
 """The Open Inference Protocol's servicer (`inference.GRPCInferenceService`, as Triton's clients and
-perf_analyzer speak it), on the same server and port as Conveyor's own, over the same engine: v2 and native
-requests share sessions, batches, the store, tenants and metrics. Protobuf in, engine call, protobuf out
+perf_analyzer speak it), on the same server and port as Conveyor's own, over the same models: v2 and native
+requests share sessions, versions, batches, the store, tenants and metrics. A request's model_name and
+model_version route it as a native chunk's model and model_version do. Protobuf in, engine call, protobuf out
 (translated by `serving.server.oip_translate`)."""
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from serving.domain.errors import InvalidChunkError, ModelNotServedError
+from serving.domain.errors import InvalidChunkError
+from serving.domain.models import Version
 from serving.server.malformed import Malformed
 from serving.server.oip_translate import (
-    check_model,
     chunk_from_infer,
     end_notice,
     infer_response,
     model_config,
     model_metadata,
+    sequence_key,
+    sequence_start,
     server_metadata,
     status_of,
 )
@@ -31,10 +34,10 @@ _Answer = oip.ModelInferResponse | tuple[grpc.StatusCode, str]
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    """Implements the protocol's health, metadata, configuration and inference RPCs on an `Engine`."""
+    """Implements the protocol's health, metadata, configuration and inference RPCs on the served `Models`."""
 
     def __init__(self, parts: ServingParts) -> None:
-        self._engine, self._streams, self._counter, self._tenants = parts
+        self._models, self._streams, self._counter, self._tenants = parts
         self._stream = StreamKind(
             lambda request: request.ByteSize(), self._answer_in_band, end_notice, self._refused
         )
@@ -47,13 +50,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(  # noqa: N802
         self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerReadyResponse:
-        return oip.ServerReadyResponse(ready=self._engine.accepting)
+        return oip.ServerReadyResponse(ready=self._models.accepting)
 
     async def ModelReady(  # noqa: N802
         self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelReadyResponse:
-        await self._check_model(request.name, request.version, context)
-        return oip.ModelReadyResponse(ready=self._engine.accepting)
+        version = await self._described(request.name, request.version, context)
+        return oip.ModelReadyResponse(ready=version.live and version.served.accepting)
 
     async def ServerMetadata(  # noqa: N802
         self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -63,14 +66,15 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(  # noqa: N802
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
-        await self._check_model(request.name, request.version, context)
-        return model_metadata(self._engine.model.spec)
+        version = await self._described(request.name, request.version, context)
+        live = [v.number for v in self._models.versions() if v.name == version.name and v.live]
+        return model_metadata(version.served.model.spec, live)
 
     async def ModelConfig(  # noqa: N802
         self, request: oip.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelConfigResponse:
-        await self._check_model(request.name, request.version, context)
-        return model_config(self._engine.model)
+        version = await self._described(request.name, request.version, context)
+        return model_config(version.served.model)
 
     async def ModelInfer(  # noqa: N802
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
@@ -114,28 +118,36 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         outbox: Outbox[oip.ModelStreamInferResponse] | None = None,
     ) -> _Answer:
         """The response to `request`, or its status and message; counted as a chunk answered either way."""
-        spec = self._engine.model.spec
         watcher = outbox.watcher if outbox is not None else None
+        version: Version | None = None
         try:
-            chunk = chunk_from_infer(request, self._engine.model, namespace)
-            result = await self._engine.step(chunk, watcher, outbox)
+            version = await self._models.route(
+                request.model_name,
+                request.model_version,
+                namespace,
+                sequence_key(request.parameters),
+                sequence_start(request),
+            )
+            chunk = chunk_from_infer(request, version.served.model, namespace)
+            result = await self._models.apply(version, chunk, watcher, outbox)
         except Exception as exc:
-            code, message = status_of(exc, request, spec)
-            self._counter.count(received, [code])
+            code, message = status_of(exc, request)
+            self._counter.count(received, [code], version=version)
             return code, message
         if outbox is not None:
             outbox.touched.add(result.session_id)
-        self._counter.count(received, answered=1)
-        return infer_response(request, result, spec)
+        self._counter.count(received, answered=1, version=version)
+        return infer_response(request, result, version)
 
     def _refused(self, request: Malformed, received: float) -> oip.ModelStreamInferResponse:
         code, message = status_for(InvalidChunkError(request.describe()))
         self._counter.count(received, [code])
         return oip.ModelStreamInferResponse(error_message=message)
 
-    async def _check_model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> None:
+    async def _described(self, name: str, version: str, context: grpc.aio.ServicerContext) -> Version:
+        """The version a metadata request names (`Models.describe`), or the call ends NOT_FOUND."""
         await namespace_of(self._tenants, context)
         try:
-            check_model(name, version, self._engine.model.spec)
-        except ModelNotServedError as exc:
+            return self._models.describe(name, version)
+        except Exception as exc:
             await abort(context, *status_for(exc))

@@ -20,12 +20,12 @@ import numpy as np
 
 from modelcard import ModelSpec
 from serving.domain.chunks import Chunk, ChunkResult, ServedModel
-from serving.domain.errors import InvalidChunkError, ModelNotServedError, SessionNotFoundError
+from serving.domain.errors import InvalidChunkError, SessionNotFoundError
+from serving.domain.models import Version
 from serving.domain.sessions.store import EndReason, SessionEnd
 from serving.server.translate import status_for
 from serving.wire import oip
 
-VERSION = "1"
 SERVER_NAME = "conveyor"
 # "sequence": sequence_id/start/end; "model_configuration": ModelConfig. No statistics, repository control
 # or shared memory: those RPCs answer UNIMPLEMENTED.
@@ -36,17 +36,15 @@ _STRING_ID = re.compile(r"[A-Za-z0-9._:-]{1,120}")
 _KINDS = {"int64_param": "i", "uint64_param": "u", "string_param": "s"}
 
 
-def check_model(name: str, version: str, spec: ModelSpec) -> None:
-    """`ModelNotServedError` unless `name` and `version` ("" for any) are the served model's."""
-    if name != spec.name or version not in ("", VERSION):
-        raise ModelNotServedError(name, version, spec.name)
+def sequence_start(request: oip.ModelInferRequest) -> bool:
+    """Whether the request starts its sequence (`InvalidChunkError` when its flag is no bool)."""
+    return _flag(request.parameters, "sequence_start")
 
 
 def chunk_from_infer(request: oip.ModelInferRequest, model: ServedModel, namespace: str = "") -> Chunk:
-    """The domain chunk of one sequence request; `InvalidChunkError` (or `ModelNotServedError`) when it is
-    not one."""
+    """The domain chunk of one sequence request to `model` (the version it was routed to);
+    `InvalidChunkError` when it is not one."""
     spec = model.spec
-    check_model(request.model_name, request.model_version, spec)
     parameters = request.parameters
     offset = _int(parameters, "sequence_offset")
     start, end = _flag(parameters, "sequence_start"), _flag(parameters, "sequence_end")
@@ -92,26 +90,28 @@ def shown_id(session_id: str) -> str:
 
 
 def infer_response(
-    request: oip.ModelInferRequest, result: ChunkResult, spec: ModelSpec
+    request: oip.ModelInferRequest, result: ChunkResult, version: Version
 ) -> oip.ModelInferResponse:
-    """The response to `request`: its id, the model's output FP32 [1, time, outputs] (raw), the steps."""
+    """The response to `request`: its id, the output FP32 [1, time, outputs] (raw) of the `version` it ran
+    on, the steps."""
+    spec = version.served.model.spec
     outputs = result.outputs
-    response = oip.ModelInferResponse(model_name=spec.name, model_version=VERSION, id=request.id)
+    response = oip.ModelInferResponse(
+        model_name=version.name, model_version=str(version.number), id=request.id
+    )
     response.outputs.add(name=spec.output_name, datatype="FP32", shape=[1, *outputs.shape])
     response.raw_output_contents.append(outputs.astype("<f4", copy=False).tobytes())
     response.parameters["sequence_steps"].int64_param = result.steps
     return response
 
 
-def status_of(
-    error: Exception, request: oip.ModelInferRequest, spec: ModelSpec
-) -> tuple[grpc.StatusCode, str]:
+def status_of(error: Exception, request: oip.ModelInferRequest) -> tuple[grpc.StatusCode, str]:
     """The status and message a v2 client gets for `error`: a sequence that is not live, without start, is
     INVALID_ARGUMENT in Triton's sense; the rest as Conveyor's own protocol has them."""
     if isinstance(error, SessionNotFoundError):
         sequence = shown_id(sequence_key(request.parameters))
         return grpc.StatusCode.INVALID_ARGUMENT, (
-            f"inference request for sequence {sequence} to model {spec.name!r} must specify the "
+            f"inference request for sequence {sequence} to model {request.model_name!r} must specify the "
             "sequence_start flag on the sequence's first request (the sequence never started, ended, or "
             "was idle past the model's max_sequence_idle_microseconds)"
         )
@@ -134,9 +134,12 @@ def server_metadata() -> oip.ServerMetadataResponse:
     return oip.ServerMetadataResponse(name=SERVER_NAME, version=version("conveyor"), extensions=EXTENSIONS)
 
 
-def model_metadata(spec: ModelSpec) -> oip.ModelMetadataResponse:
-    """The model's input and output, batch first (-1: variable), without the state tensors."""
-    response = oip.ModelMetadataResponse(name=spec.name, versions=[VERSION], platform=PLATFORM)
+def model_metadata(spec: ModelSpec, versions: list[int]) -> oip.ModelMetadataResponse:
+    """The model's input and output, batch first (-1: variable), without the state tensors; its live
+    `versions`."""
+    response = oip.ModelMetadataResponse(
+        name=spec.name, versions=[str(number) for number in versions], platform=PLATFORM
+    )
     datatype = _DATATYPES[spec.input_kind][0]
     response.inputs.add(name=spec.input_name, datatype=datatype, shape=[-1, *_input_dims(spec)])
     response.outputs.add(name=spec.output_name, datatype="FP32", shape=[-1, -1, spec.output_size])

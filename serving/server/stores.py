@@ -23,14 +23,19 @@ class OpenedStore:
     close: Callable[[], Awaitable[None]]
 
 
-async def open_store(config: ServerConfig, model: ServedModel, metrics: StoreMetrics) -> OpenedStore:
-    """Open `config.store`; `StoreUnavailableError` when a Redis store cannot be reached."""
+async def open_store(
+    config: ServerConfig, model: ServedModel, metrics: StoreMetrics, version: str = ""
+) -> OpenedStore:
+    """Open `config.store` for the sessions of one model version (`version` "name/number" from a model
+    repository; empty for the one-model server); `StoreUnavailableError` when a Redis store cannot be
+    reached."""
     if config.store == "memory":
         return OpenedStore(InMemorySessionStore(model.state_shape), time.monotonic, _nothing)
     store = await RedisSessionStore.connect(
         config.store,
-        # Per model: a session of another model is not found here, never misread as this model's state.
-        prefix=f"conveyor:{model.spec.fingerprint[:16]}:",
+        # Per model and version: a session of another model, or of another version of this one (the same
+        # weights published twice included), is not found here, never misread as this one's state.
+        prefix=f"conveyor:{model.spec.fingerprint[:16]}:" + (f"{version}:" if version else ""),
         state_shape=model.state_shape,
         idle_ttl_s=config.idle_ttl_s,
         metrics=metrics,

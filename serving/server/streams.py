@@ -17,12 +17,12 @@ from typing import Any, Generic, NamedTuple, NoReturn
 
 import grpc
 
-from serving.domain.engine import Engine
 from serving.domain.errors import UnauthenticatedError
+from serving.domain.models import Models, Version
 from serving.domain.sessions.store import SessionEnd
 from serving.server.auth import Tenants
 from serving.server.malformed import Malformed
-from serving.server.metrics import ConveyorMetrics
+from serving.server.metrics import NO_VERSION, ConveyorMetrics
 from serving.server.outbox import Message, Outbox, StreamLimits
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ class StreamKind(Generic[Message]):
 class Streams:
     """The open streams of every servicer of one server: their limits, the bytes they hold, their end."""
 
-    def __init__(self, engine: Engine, limits: StreamLimits) -> None:
-        self._engine = engine
+    def __init__(self, models: Models, limits: StreamLimits) -> None:
+        self._models = models
         self._limits = limits
         self._outboxes: set[Outbox[Any]] = set()
 
@@ -69,7 +69,7 @@ class Streams:
         finally:
             reader.cancel()
             self._outboxes.discard(outbox)
-            self._engine.unwatch(outbox.touched, outbox.watcher, namespace)
+            self._models.unwatch(outbox.touched, outbox.watcher, namespace)
 
     def held_bytes(self) -> int:
         """Bytes the open streams hold for requests not yet answered and answers not yet sent."""
@@ -127,13 +127,21 @@ class ChunkCounter:
     def __init__(self, metrics: ConveyorMetrics) -> None:
         self._metrics = metrics
 
-    def count(self, received: float, failed: Iterable[grpc.StatusCode] = (), answered: int = 0) -> None:
-        """Chunks answered since `received`: each failed one by its code, the `answered` ones together."""
+    def count(
+        self,
+        received: float,
+        failed: Iterable[grpc.StatusCode] = (),
+        answered: int = 0,
+        version: Version | None = None,
+    ) -> None:
+        """Chunks answered since `received`, of `version` (None: they failed before reaching one): each
+        failed one by its code, the `answered` ones together."""
         elapsed = time.perf_counter() - received
+        labels = NO_VERSION if version is None else version.labels
         for code in failed:
-            self._metrics.chunk_answered(elapsed, code.name)
+            self._metrics.chunk_answered(elapsed, code.name, labels=labels)
         if answered:
-            self._metrics.chunk_answered(elapsed, chunks=answered)
+            self._metrics.chunk_answered(elapsed, chunks=answered, labels=labels)
 
 
 async def namespace_of(tenants: Tenants | None, context: grpc.aio.ServicerContext) -> str:
@@ -156,10 +164,10 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
 
 
 class ServingParts(NamedTuple):
-    """What every protocol's servicer works with: one engine, its streams, its chunk count, its tenants (None:
-    no authentication, one namespace)."""
+    """What every protocol's servicer works with: the models, their streams, the chunk count, the tenants
+    (None: no authentication, one namespace)."""
 
-    engine: Engine
+    models: Models
     streams: Streams
     counter: ChunkCounter
     tenants: Tenants | None

@@ -17,6 +17,7 @@ from serving.domain.errors import (
     InvalidChunkError,
     InvalidSessionIdError,
     InvalidSnapshotError,
+    ModelNotNamedError,
     ModelNotServedError,
     OffsetMismatchError,
     QuotaExceededError,
@@ -25,12 +26,17 @@ from serving.domain.errors import (
     SessionAlreadyExistsError,
     SessionMovedError,
     SessionNotFoundError,
+    SessionNotServedError,
+    SessionPinnedError,
     ShuttingDownError,
     SnapshotModelMismatchError,
     StoreUnavailableError,
     UnauthenticatedError,
+    VersionRetiredError,
+    VersionUnavailableError,
 )
 from serving.domain.frames import Frame, FrameOutcome
+from serving.domain.models import Models
 from serving.domain.sessions.store import EndReason, SessionEnd
 from serving.server.malformed import Malformed
 from serving.wire import pb
@@ -43,6 +49,11 @@ STATUS_CODES: dict[type[ServingError], grpc.StatusCode] = {
     InvalidSessionIdError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidSnapshotError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotServedError: grpc.StatusCode.NOT_FOUND,
+    ModelNotNamedError: grpc.StatusCode.INVALID_ARGUMENT,
+    VersionRetiredError: grpc.StatusCode.NOT_FOUND,
+    VersionUnavailableError: grpc.StatusCode.FAILED_PRECONDITION,
+    SessionPinnedError: grpc.StatusCode.FAILED_PRECONDITION,
+    SessionNotServedError: grpc.StatusCode.NOT_FOUND,
     SessionNotFoundError: grpc.StatusCode.NOT_FOUND,
     SessionAlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     OffsetMismatchError: grpc.StatusCode.ABORTED,
@@ -62,6 +73,7 @@ _REASONS = {
     EndReason.LIFETIME: pb.END_REASON_LIFETIME,
     EndReason.CAPACITY: pb.END_REASON_CAPACITY,
     EndReason.SHUTDOWN: pb.END_REASON_SHUTDOWN,
+    EndReason.MODEL_RETIRED: pb.END_REASON_MODEL_RETIRED,
 }
 # gRPC's default receive limit: what a client that names none can take.
 DEFAULT_RESULT_LIMIT_BYTES = 4 * 1024 * 1024
@@ -122,10 +134,30 @@ def result_to_pb(
     return response
 
 
-def model_info_to_pb(model: ServedModel) -> pb.ModelInfo:
-    """The GetModelInfo answer for `model`."""
+def versions_to_pb(models: Models) -> pb.ListModelsResponse:
+    """The ListModels answer: every version the server holds, with its state."""
+    return pb.ListModelsResponse(
+        versions=[
+            pb.ModelVersionStatus(
+                model=version.name,
+                version=version.number,
+                state=version.state.value,
+                fingerprint=version.fingerprint,
+                labels=models.labels_of(version),
+                sessions=version.served.live_sessions if version.live else 0,
+                message=version.message,
+            )
+            for version in models.versions()
+        ]
+    )
+
+
+def model_info_to_pb(model: ServedModel, version: int = 1, state: str = "ready") -> pb.ModelInfo:
+    """The GetModelInfo answer for `model`, served as `version` in `state`."""
     spec = model.spec
     return pb.ModelInfo(
+        version=version,
+        version_state=state,
         name=spec.name,
         task=spec.task,
         input_kind=spec.input_kind,

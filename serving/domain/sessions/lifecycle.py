@@ -84,9 +84,17 @@ class Sessions:
     """Sessions in `store` under `limits`, on the `clock` (monotonic seconds)."""
 
     def __init__(
-        self, store: SessionStore, limits: SessionLimits, *, clock: Callable[[], float] = time.monotonic
+        self,
+        store: SessionStore,
+        limits: SessionLimits,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        occupancy: Callable[[], int] | None = None,
     ) -> None:
         self._store = store
+        # The sessions `max_sessions` bounds: this store's, or (several model versions served, each with a
+        # store of its own) the server's, so that capacity stays one server-wide limit.
+        self._occupancy = occupancy or store.__len__
         self._limits = limits
         self._clock = clock
         self._ended = EndedReplays(limits.replay_window_s, limits.max_sessions)
@@ -123,7 +131,7 @@ class Sessions:
 
     def check_capacity(self) -> None:
         """Raise `CapacityExceededError` if a new session would be refused right now."""
-        if len(self._store) >= self._limits.max_sessions and not self._limits.evict_lru:
+        if self._occupancy() >= self._limits.max_sessions and not self._limits.evict_lru:
             raise CapacityExceededError(self._limits.max_sessions)
 
     async def commit_many(self, commits: Sequence[Commit]) -> list[bool | ServingError]:
@@ -206,11 +214,15 @@ class Sessions:
         """Stop sweeping; end every session (reason shutdown), unless the store keeps them for the next
         server."""
         self.stop_sweeper()
-        if self._store.durable:
-            return
+        if not self._store.durable:
+            await self.end_all(EndReason.SHUTDOWN)
+
+    async def end_all(self, reason: EndReason) -> None:
+        """End every session of the store, for `reason` (its model version is retired, or the server
+        stops)."""
         async for removed in self._store.expire(EVERYTHING):
             for session_id, session, _ in removed:
-                self._tell(session_id, session, EndReason.SHUTDOWN)
+                self._tell(session_id, session, reason)
 
     async def sweep(self) -> None:
         """End every session past its idle TTL or lifetime; drop replays past the replay window. Other work
@@ -258,7 +270,7 @@ class Sessions:
 
     async def _make_room(self) -> None:
         self.check_capacity()
-        while len(self._store) >= self._limits.max_sessions:
+        while self._occupancy() >= self._limits.max_sessions:
             oldest = await self._store.least_recent()
             if oldest is None:
                 return

@@ -27,6 +27,7 @@ class EndReason(enum.Enum):
     LIFETIME = "lifetime"
     CAPACITY = "capacity"
     SHUTDOWN = "shutdown"
+    MODEL_RETIRED = "model_retired"  # its model version drained past the deadline
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,55 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63onveyor/v1/conveyor.proto\x12\x0b\x63onveyor.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.conveyor.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xd2\x01\n\x0c\x43hunkRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05start\x18\x04 \x01(\x08\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12\r\n\x05reset\x18\x06 \x01(\x08\x12\x10\n\x08snapshot\x18\x07 \x01(\x0c\x12(\n\x07outputs\x18\x08 \x01(\x0e\x32\x17.conveyor.v1.OutputMode\x12\x12\n\nrequest_id\x18\t \x01(\t\"\x9d\x01\n\rChunkResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12$\n\x07outputs\x18\x05 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\r\n\x05\x65nded\x18\x06 \x01(\x08\x12\x10\n\x08replayed\x18\x07 \x01(\x08\"S\n\nChunkError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"Y\n\x0cSessionEnded\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.EndReason\x12\r\n\x05steps\x18\x03 \x01(\x03\"\xa3\x01\n\x0eStreamResponse\x12+\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1a.conveyor.v1.ChunkResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.ChunkErrorH\x00\x12\x32\n\rsession_ended\x18\x03 \x01(\x0b\x32\x19.conveyor.v1.SessionEndedH\x00\x42\x06\n\x04kind\"\xe6\x01\n\x05\x46rame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12#\n\x06inputs\x18\x03 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\x0f\n\x07offsets\x18\x04 \x03(\x03\x12\r\n\x05start\x18\x05 \x03(\x08\x12\x0b\n\x03\x65nd\x18\x06 \x03(\x08\x12\r\n\x05reset\x18\x07 \x03(\x08\x12(\n\x07outputs\x18\x08 \x01(\x0e\x32\x17.conveyor.v1.OutputMode\x12\x11\n\tsnapshots\x18\t \x03(\x0c\x12\x18\n\x10max_result_bytes\x18\n \x01(\x03\":\n\nFrameError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xec\x01\n\x0b\x46rameResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12$\n\x07outputs\x18\x03 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\r\n\x05steps\x18\x04 \x03(\x03\x12\r\n\x05\x65nded\x18\x05 \x03(\x08\x12\x10\n\x08replayed\x18\x06 \x03(\x08\x12\'\n\x06\x65rrors\x18\x07 \x03(\x0b\x32\x17.conveyor.v1.FrameError\x12\x13\n\x0b\x66irst_index\x18\x08 \x01(\x05\x12\x0c\n\x04more\x18\t \x01(\x08\x12\x14\n\x0coutput_steps\x18\n \x03(\x05\"\xa1\x01\n\rFrameResponse\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.FrameResultH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.ChunkErrorH\x00\x12\x32\n\rsession_ended\x18\x03 \x01(\x0b\x32\x19.conveyor.v1.SessionEndedH\x00\x42\x06\n\x04kind\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x12\x45ndSessionResponse\x12\r\n\x05steps\x18\x01 \x01(\x03\"%\n\x0fSnapshotRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"3\n\x10SnapshotResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x0c\x12\r\n\x05steps\x18\x02 \x01(\x03\"\x12\n\x10ModelInfoRequest\"\x93\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x12\n\ninput_kind\x18\x03 \x01(\t\x12\x12\n\ninput_size\x18\x04 \x01(\x03\x12\x13\n\x0boutput_size\x18\x05 \x01(\x03\x12\x16\n\x0eoutput_meaning\x18\x06 \x01(\t\x12\x15\n\routput_labels\x18\x07 \x03(\t\x12\x12\n\nvocabulary\x18\x08 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12\x0e\n\x06layers\x18\n \x01(\x03\x12\x0e\n\x06hidden\x18\x0b \x01(\x03\x12\x17\n\x0fmax_chunk_steps\x18\x0c \x01(\x03\x12\x12\n\nidle_ttl_s\x18\r \x01(\x01\x12\x0c\n\x04\x63\x65ll\x18\x0e \x01(\t\x12+\n\x05state\x18\x0f \x03(\x0b\x32\x1c.conveyor.v1.StateTensorInfo\x12,\n\tconstants\x18\x10 \x03(\x0b\x32\x19.conveyor.v1.ConstantInfo\x12\x0e\n\x06window\x18\x11 \x01(\x03\x12\x0f\n\x07\x63ontext\x18\x12 \x01(\x03\"@\n\x0c\x43onstantInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.conveyor.v1.Tensor\".\n\x0fStateTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT64\x10\x02*7\n\nOutputMode\x12\x13\n\x0fOUTPUT_MODE_ALL\x10\x00\x12\x14\n\x10OUTPUT_MODE_LAST\x10\x01*\x9a\x01\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45ND_REASON_END\x10\x01\x12\x12\n\x0e\x45ND_REASON_TTL\x10\x02\x12\x17\n\x13\x45ND_REASON_LIFETIME\x10\x03\x12\x17\n\x13\x45ND_REASON_CAPACITY\x10\x04\x12\x17\n\x13\x45ND_REASON_SHUTDOWN\x10\x05\x32\xac\x03\n\x08\x43onveyor\x12\x44\n\x06Stream\x12\x19.conveyor.v1.ChunkRequest\x1a\x1b.conveyor.v1.StreamResponse(\x01\x30\x01\x12=\n\x04Step\x12\x19.conveyor.v1.ChunkRequest\x1a\x1a.conveyor.v1.ChunkResponse\x12M\n\nEndSession\x12\x1e.conveyor.v1.EndSessionRequest\x1a\x1f.conveyor.v1.EndSessionResponse\x12G\n\x08Snapshot\x12\x1c.conveyor.v1.SnapshotRequest\x1a\x1d.conveyor.v1.SnapshotResponse\x12\x45\n\x0cGetModelInfo\x12\x1d.conveyor.v1.ModelInfoRequest\x1a\x16.conveyor.v1.ModelInfo\x12<\n\x06\x46rames\x12\x12.conveyor.v1.Frame\x1a\x1a.conveyor.v1.FrameResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63onveyor/v1/conveyor.proto\x12\x0b\x63onveyor.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.conveyor.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xf8\x01\n\x0c\x43hunkRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05start\x18\x04 \x01(\x08\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12\r\n\x05reset\x18\x06 \x01(\x08\x12\x10\n\x08snapshot\x18\x07 \x01(\x0c\x12(\n\x07outputs\x18\x08 \x01(\x0e\x32\x17.conveyor.v1.OutputMode\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x15\n\rmodel_version\x18\x0b \x01(\t\"\xc3\x01\n\rChunkResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12$\n\x07outputs\x18\x05 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\r\n\x05\x65nded\x18\x06 \x01(\x08\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\r\n\x05model\x18\x08 \x01(\t\x12\x15\n\rmodel_version\x18\t \x01(\x03\"S\n\nChunkError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"Y\n\x0cSessionEnded\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.EndReason\x12\r\n\x05steps\x18\x03 \x01(\x03\"\xa3\x01\n\x0eStreamResponse\x12+\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1a.conveyor.v1.ChunkResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.ChunkErrorH\x00\x12\x32\n\rsession_ended\x18\x03 \x01(\x0b\x32\x19.conveyor.v1.SessionEndedH\x00\x42\x06\n\x04kind\"\x8c\x02\n\x05\x46rame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12#\n\x06inputs\x18\x03 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\x0f\n\x07offsets\x18\x04 \x03(\x03\x12\r\n\x05start\x18\x05 \x03(\x08\x12\x0b\n\x03\x65nd\x18\x06 \x03(\x08\x12\r\n\x05reset\x18\x07 \x03(\x08\x12(\n\x07outputs\x18\x08 \x01(\x0e\x32\x17.conveyor.v1.OutputMode\x12\x11\n\tsnapshots\x18\t \x03(\x0c\x12\x18\n\x10max_result_bytes\x18\n \x01(\x03\x12\r\n\x05model\x18\x0b \x01(\t\x12\x15\n\rmodel_version\x18\x0c \x01(\t\":\n\nFrameError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x83\x02\n\x0b\x46rameResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12$\n\x07outputs\x18\x03 \x01(\x0b\x32\x13.conveyor.v1.Tensor\x12\r\n\x05steps\x18\x04 \x03(\x03\x12\r\n\x05\x65nded\x18\x05 \x03(\x08\x12\x10\n\x08replayed\x18\x06 \x03(\x08\x12\'\n\x06\x65rrors\x18\x07 \x03(\x0b\x32\x17.conveyor.v1.FrameError\x12\x13\n\x0b\x66irst_index\x18\x08 \x01(\x05\x12\x0c\n\x04more\x18\t \x01(\x08\x12\x14\n\x0coutput_steps\x18\n \x03(\x05\x12\x15\n\rmodel_version\x18\x0b \x01(\x03\"\xa1\x01\n\rFrameResponse\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.FrameResultH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.ChunkErrorH\x00\x12\x32\n\rsession_ended\x18\x03 \x01(\x0b\x32\x19.conveyor.v1.SessionEndedH\x00\x42\x06\n\x04kind\"M\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"#\n\x12\x45ndSessionResponse\x12\r\n\x05steps\x18\x01 \x01(\x03\"K\n\x0fSnapshotRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"3\n\x10SnapshotResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x0c\x12\r\n\x05steps\x18\x02 \x01(\x03\"8\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xbb\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x12\n\ninput_kind\x18\x03 \x01(\t\x12\x12\n\ninput_size\x18\x04 \x01(\x03\x12\x13\n\x0boutput_size\x18\x05 \x01(\x03\x12\x16\n\x0eoutput_meaning\x18\x06 \x01(\t\x12\x15\n\routput_labels\x18\x07 \x03(\t\x12\x12\n\nvocabulary\x18\x08 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12\x0e\n\x06layers\x18\n \x01(\x03\x12\x0e\n\x06hidden\x18\x0b \x01(\x03\x12\x17\n\x0fmax_chunk_steps\x18\x0c \x01(\x03\x12\x12\n\nidle_ttl_s\x18\r \x01(\x01\x12\x0c\n\x04\x63\x65ll\x18\x0e \x01(\t\x12+\n\x05state\x18\x0f \x03(\x0b\x32\x1c.conveyor.v1.StateTensorInfo\x12,\n\tconstants\x18\x10 \x03(\x0b\x32\x19.conveyor.v1.ConstantInfo\x12\x0e\n\x06window\x18\x11 \x01(\x03\x12\x0f\n\x07\x63ontext\x18\x12 \x01(\x03\x12\x0f\n\x07version\x18\x13 \x01(\x03\x12\x15\n\rversion_state\x18\x14 \x01(\t\"\x13\n\x11ListModelsRequest\"G\n\x12ListModelsResponse\x12\x31\n\x08versions\x18\x01 \x03(\x0b\x32\x1f.conveyor.v1.ModelVersionStatus\"\x8b\x01\n\x12ModelVersionStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x10\n\x08sessions\x18\x06 \x01(\x03\x12\x0f\n\x07message\x18\x07 \x01(\t\"@\n\x0c\x43onstantInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.conveyor.v1.Tensor\".\n\x0fStateTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT64\x10\x02*7\n\nOutputMode\x12\x13\n\x0fOUTPUT_MODE_ALL\x10\x00\x12\x14\n\x10OUTPUT_MODE_LAST\x10\x01*\xb8\x01\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45ND_REASON_END\x10\x01\x12\x12\n\x0e\x45ND_REASON_TTL\x10\x02\x12\x17\n\x13\x45ND_REASON_LIFETIME\x10\x03\x12\x17\n\x13\x45ND_REASON_CAPACITY\x10\x04\x12\x17\n\x13\x45ND_REASON_SHUTDOWN\x10\x05\x12\x1c\n\x18\x45ND_REASON_MODEL_RETIRED\x10\x06\x32\xfb\x03\n\x08\x43onveyor\x12\x44\n\x06Stream\x12\x19.conveyor.v1.ChunkRequest\x1a\x1b.conveyor.v1.StreamResponse(\x01\x30\x01\x12=\n\x04Step\x12\x19.conveyor.v1.ChunkRequest\x1a\x1a.conveyor.v1.ChunkResponse\x12M\n\nEndSession\x12\x1e.conveyor.v1.EndSessionRequest\x1a\x1f.conveyor.v1.EndSessionResponse\x12G\n\x08Snapshot\x12\x1c.conveyor.v1.SnapshotRequest\x1a\x1d.conveyor.v1.SnapshotResponse\x12\x45\n\x0cGetModelInfo\x12\x1d.conveyor.v1.ModelInfoRequest\x1a\x16.conveyor.v1.ModelInfo\x12M\n\nListModels\x12\x1e.conveyor.v1.ListModelsRequest\x1a\x1f.conveyor.v1.ListModelsResponse\x12<\n\x06\x46rames\x12\x12.conveyor.v1.Frame\x1a\x1a.conveyor.v1.FrameResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.conveyor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2238
-  _globals['_DTYPE']._serialized_end=2304
-  _globals['_OUTPUTMODE']._serialized_start=2306
-  _globals['_OUTPUTMODE']._serialized_end=2361
-  _globals['_ENDREASON']._serialized_start=2364
-  _globals['_ENDREASON']._serialized_end=2518
+  _globals['_DTYPE']._serialized_start=2765
+  _globals['_DTYPE']._serialized_end=2831
+  _globals['_OUTPUTMODE']._serialized_start=2833
+  _globals['_OUTPUTMODE']._serialized_end=2888
+  _globals['_ENDREASON']._serialized_start=2891
+  _globals['_ENDREASON']._serialized_end=3075
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=115
   _globals['_CHUNKREQUEST']._serialized_start=118
-  _globals['_CHUNKREQUEST']._serialized_end=328
-  _globals['_CHUNKRESPONSE']._serialized_start=331
-  _globals['_CHUNKRESPONSE']._serialized_end=488
-  _globals['_CHUNKERROR']._serialized_start=490
-  _globals['_CHUNKERROR']._serialized_end=573
-  _globals['_SESSIONENDED']._serialized_start=575
-  _globals['_SESSIONENDED']._serialized_end=664
-  _globals['_STREAMRESPONSE']._serialized_start=667
-  _globals['_STREAMRESPONSE']._serialized_end=830
-  _globals['_FRAME']._serialized_start=833
-  _globals['_FRAME']._serialized_end=1063
-  _globals['_FRAMEERROR']._serialized_start=1065
-  _globals['_FRAMEERROR']._serialized_end=1123
-  _globals['_FRAMERESULT']._serialized_start=1126
-  _globals['_FRAMERESULT']._serialized_end=1362
-  _globals['_FRAMERESPONSE']._serialized_start=1365
-  _globals['_FRAMERESPONSE']._serialized_end=1526
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1528
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1567
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1569
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1604
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1606
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1643
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=1645
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=1696
-  _globals['_MODELINFOREQUEST']._serialized_start=1698
-  _globals['_MODELINFOREQUEST']._serialized_end=1716
-  _globals['_MODELINFO']._serialized_start=1719
-  _globals['_MODELINFO']._serialized_end=2122
-  _globals['_CONSTANTINFO']._serialized_start=2124
-  _globals['_CONSTANTINFO']._serialized_end=2188
-  _globals['_STATETENSORINFO']._serialized_start=2190
-  _globals['_STATETENSORINFO']._serialized_end=2236
-  _globals['_CONVEYOR']._serialized_start=2521
-  _globals['_CONVEYOR']._serialized_end=2949
+  _globals['_CHUNKREQUEST']._serialized_end=366
+  _globals['_CHUNKRESPONSE']._serialized_start=369
+  _globals['_CHUNKRESPONSE']._serialized_end=564
+  _globals['_CHUNKERROR']._serialized_start=566
+  _globals['_CHUNKERROR']._serialized_end=649
+  _globals['_SESSIONENDED']._serialized_start=651
+  _globals['_SESSIONENDED']._serialized_end=740
+  _globals['_STREAMRESPONSE']._serialized_start=743
+  _globals['_STREAMRESPONSE']._serialized_end=906
+  _globals['_FRAME']._serialized_start=909
+  _globals['_FRAME']._serialized_end=1177
+  _globals['_FRAMEERROR']._serialized_start=1179
+  _globals['_FRAMEERROR']._serialized_end=1237
+  _globals['_FRAMERESULT']._serialized_start=1240
+  _globals['_FRAMERESULT']._serialized_end=1499
+  _globals['_FRAMERESPONSE']._serialized_start=1502
+  _globals['_FRAMERESPONSE']._serialized_end=1663
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1665
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1742
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1744
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1779
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1781
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1856
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=1858
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=1909
+  _globals['_MODELINFOREQUEST']._serialized_start=1911
+  _globals['_MODELINFOREQUEST']._serialized_end=1967
+  _globals['_MODELINFO']._serialized_start=1970
+  _globals['_MODELINFO']._serialized_end=2413
+  _globals['_LISTMODELSREQUEST']._serialized_start=2415
+  _globals['_LISTMODELSREQUEST']._serialized_end=2434
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2436
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2507
+  _globals['_MODELVERSIONSTATUS']._serialized_start=2510
+  _globals['_MODELVERSIONSTATUS']._serialized_end=2649
+  _globals['_CONSTANTINFO']._serialized_start=2651
+  _globals['_CONSTANTINFO']._serialized_end=2715
+  _globals['_STATETENSORINFO']._serialized_start=2717
+  _globals['_STATETENSORINFO']._serialized_end=2763
+  _globals['_CONVEYOR']._serialized_start=3078
+  _globals['_CONVEYOR']._serialized_end=3585
 # @@protoc_insertion_point(module_scope)

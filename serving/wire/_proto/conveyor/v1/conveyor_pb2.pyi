@@ -85,6 +85,10 @@ class _EndReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EndReason.V
     """Evicted to make room for a new session at the capacity limit."""
     END_REASON_SHUTDOWN: _EndReason.ValueType  # 5
     """The server is shutting down."""
+    END_REASON_MODEL_RETIRED: _EndReason.ValueType  # 6
+    """The session's model version was retired: it drained past the server's drain deadline with this session
+    still live. Start a new session (it begins on the newest ready version).
+    """
 
 class EndReason(_EndReason, metaclass=_EndReasonEnumTypeWrapper):
     """Why a session ended."""
@@ -100,6 +104,10 @@ END_REASON_CAPACITY: EndReason.ValueType  # 4
 """Evicted to make room for a new session at the capacity limit."""
 END_REASON_SHUTDOWN: EndReason.ValueType  # 5
 """The server is shutting down."""
+END_REASON_MODEL_RETIRED: EndReason.ValueType  # 6
+"""The session's model version was retired: it drained past the server's drain deadline with this session
+still live. Start a new session (it begins on the newest ready version).
+"""
 Global___EndReason: _TypeAlias = EndReason  # noqa: Y015
 
 @_typing.final
@@ -151,6 +159,8 @@ class ChunkRequest(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session id: 1-128 characters of [A-Za-z0-9._:-], chosen by the client. Empty together with start=true asks
     the server to issue an id, returned in ChunkResponse.session_id.
@@ -175,6 +185,13 @@ class ChunkRequest(_message.Message):
     """Which timesteps' outputs to return."""
     request_id: _builtins.str
     """Opaque client correlation id, echoed in the response (needed when several sessions share one stream)."""
+    model: _builtins.str
+    """The model, by name. Empty: the server's only model (INVALID_ARGUMENT when it serves several)."""
+    model_version: _builtins.str
+    """On a start: the version to begin on, a number ("2") or a label of the repository ("stable"); empty, the
+    newest ready version. The session stays on the version it began on: later chunks may leave this empty, or
+    name that version (a chunk naming another gets FAILED_PRECONDITION).
+    """
     @_builtins.property
     def inputs(self) -> Global___Tensor:
         """The chunk's timesteps. Token models: dtype INT64, shape [time], token ids in [0, vocabulary size).
@@ -193,10 +210,12 @@ class ChunkRequest(_message.Message):
         snapshot: _builtins.bytes = ...,
         outputs: Global___OutputMode.ValueType = ...,
         request_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "inputs", b"inputs", "offset", b"offset", "outputs", b"outputs", "request_id", b"request_id", "reset", b"reset", "session_id", b"session_id", "snapshot", b"snapshot", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "inputs", b"inputs", "model", b"model", "model_version", b"model_version", "offset", b"offset", "outputs", b"outputs", "request_id", b"request_id", "reset", b"reset", "session_id", b"session_id", "snapshot", b"snapshot", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -215,6 +234,8 @@ class ChunkResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     ENDED_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session id (server-issued when the request had none)."""
     request_id: _builtins.str
@@ -227,6 +248,9 @@ class ChunkResponse(_message.Message):
     """True when the session was ended with this chunk (request.end)."""
     replayed: _builtins.bool
     """True when this is the cached response of a repeated chunk that was not applied again."""
+    model: _builtins.str
+    """The model and the version the session runs on (pinned at its start)."""
+    model_version: _builtins.int
     @_builtins.property
     def outputs(self) -> Global___Tensor:
         """Model outputs, FLOAT32: shape [time, outputs] for OUTPUT_MODE_ALL, [1, outputs] for OUTPUT_MODE_LAST.
@@ -243,10 +267,12 @@ class ChunkResponse(_message.Message):
         outputs: Global___Tensor | None = ...,
         ended: _builtins.bool = ...,
         replayed: _builtins.bool = ...,
+        model: _builtins.str = ...,
+        model_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "offset", b"offset", "outputs", b"outputs", "replayed", b"replayed", "request_id", b"request_id", "session_id", b"session_id", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "model", b"model", "model_version", b"model_version", "offset", b"offset", "outputs", b"outputs", "replayed", b"replayed", "request_id", b"request_id", "session_id", b"session_id", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -372,6 +398,8 @@ class Frame(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     SNAPSHOTS_FIELD_NUMBER: _builtins.int
     MAX_RESULT_BYTES_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     frame_id: _builtins.str
     """Opaque client correlation id, echoed in the FrameResult."""
     outputs: Global___OutputMode.ValueType
@@ -381,6 +409,12 @@ class Frame(_message.Message):
     (grpc.max_receive_message_length). 0: 4 MiB, gRPC's default. A frame whose results would be larger is
     answered in several FrameResults, each under the limit (see FrameResult.first_index and .more).
     """
+    model: _builtins.str
+    """The model and version, as ChunkRequest.model and .model_version. Every session of a frame runs on one
+    version: named here, else the one its first session is on (or, when that one starts, the newest ready).
+    A session of another version fails in its row (NOT_FOUND); send it in a frame of its own version.
+    """
+    model_version: _builtins.str
     @_builtins.property
     def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The sessions, each at most once per frame. An empty id together with start asks for a server-issued id."""
@@ -420,10 +454,12 @@ class Frame(_message.Message):
         outputs: Global___OutputMode.ValueType = ...,
         snapshots: _abc.Iterable[_builtins.bytes] | None = ...,
         max_result_bytes: _builtins.int = ...,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame_id", b"frame_id", "inputs", b"inputs", "max_result_bytes", b"max_result_bytes", "offsets", b"offsets", "outputs", b"outputs", "reset", b"reset", "session_ids", b"session_ids", "snapshots", b"snapshots", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame_id", b"frame_id", "inputs", b"inputs", "max_result_bytes", b"max_result_bytes", "model", b"model", "model_version", b"model_version", "offsets", b"offsets", "outputs", b"outputs", "reset", b"reset", "session_ids", b"session_ids", "snapshots", b"snapshots", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -475,6 +511,7 @@ class FrameResult(_message.Message):
     FIRST_INDEX_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
     OUTPUT_STEPS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     frame_id: _builtins.str
     """The frame's frame_id, echoed."""
     first_index: _builtins.int
@@ -483,6 +520,8 @@ class FrameResult(_message.Message):
     FrameError.index still counts from the frame's start), and more is true on every part but the last.
     """
     more: _builtins.bool
+    model_version: _builtins.int
+    """The version the frame ran on (FrameResult's sessions all run on it)."""
     @_builtins.property
     def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The session ids (server-issued where the frame's was empty)."""
@@ -527,10 +566,11 @@ class FrameResult(_message.Message):
         first_index: _builtins.int = ...,
         more: _builtins.bool = ...,
         output_steps: _abc.Iterable[_builtins.int] | None = ...,
+        model_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "errors", b"errors", "first_index", b"first_index", "frame_id", b"frame_id", "more", b"more", "output_steps", b"output_steps", "outputs", b"outputs", "replayed", b"replayed", "session_ids", b"session_ids", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "errors", b"errors", "first_index", b"first_index", "frame_id", b"frame_id", "model_version", b"model_version", "more", b"more", "output_steps", b"output_steps", "outputs", b"outputs", "replayed", b"replayed", "session_ids", b"session_ids", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -581,16 +621,23 @@ class EndSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session to end."""
+    model: _builtins.str
+    """Its model and version, as ChunkRequest.model and .model_version (the version may be left empty)."""
+    model_version: _builtins.str
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_version", b"model_version", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -621,16 +668,23 @@ class SnapshotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session to snapshot."""
+    model: _builtins.str
+    """Its model and version, as ChunkRequest.model and .model_version (the version may be left empty)."""
+    model_version: _builtins.str
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_version", b"model_version", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -664,12 +718,22 @@ Global___SnapshotResponse: _TypeAlias = SnapshotResponse  # noqa: Y015
 class ModelInfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model, by name (empty: the server's only model); the version, a number or a label (empty: the newest
+    ready one, the version a new session begins on).
+    """
+    model_version: _builtins.str
     def __init__(
         self,
+        *,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_version", b"model_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -697,6 +761,8 @@ class ModelInfo(_message.Message):
     CONSTANTS_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    VERSION_STATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Model name (its artifact directory name), e.g. "language"."""
     task: _builtins.str
@@ -732,6 +798,9 @@ class ModelInfo(_message.Message):
     any other model: one output row per step.
     """
     context: _builtins.int
+    version: _builtins.int
+    """The version described, and its state: "loading", "ready", "draining", "retired" or "failed"."""
+    version_state: _builtins.str
     @_builtins.property
     def output_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Label of each output index (the vocabulary for a language model, class names for a classifier)."""
@@ -771,14 +840,99 @@ class ModelInfo(_message.Message):
         constants: _abc.Iterable[Global___ConstantInfo] | None = ...,
         window: _builtins.int = ...,
         context: _builtins.int = ...,
+        version: _builtins.int = ...,
+        version_state: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell", "constants", b"constants", "context", b"context", "fingerprint", b"fingerprint", "hidden", b"hidden", "idle_ttl_s", b"idle_ttl_s", "input_kind", b"input_kind", "input_size", b"input_size", "layers", b"layers", "max_chunk_steps", b"max_chunk_steps", "name", b"name", "output_labels", b"output_labels", "output_meaning", b"output_meaning", "output_size", b"output_size", "state", b"state", "task", b"task", "vocabulary", b"vocabulary", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell", "constants", b"constants", "context", b"context", "fingerprint", b"fingerprint", "hidden", b"hidden", "idle_ttl_s", b"idle_ttl_s", "input_kind", b"input_kind", "input_size", b"input_size", "layers", b"layers", "max_chunk_steps", b"max_chunk_steps", "name", b"name", "output_labels", b"output_labels", "output_meaning", b"output_meaning", "output_size", b"output_size", "state", b"state", "task", b"task", "version", b"version", "version_state", b"version_state", "vocabulary", b"vocabulary", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionStatus]: ...
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___ModelVersionStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class ModelVersionStatus(_message.Message):
+    """One version of one model the server holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    state: _builtins.str
+    """"loading", "ready" (takes new sessions), "draining" (serves its live sessions, takes no new ones),
+    "retired" (unloaded) or "failed" (did not load; message says why).
+    """
+    fingerprint: _builtins.str
+    """sha256 of the version's model.onnx, hex."""
+    sessions: _builtins.int
+    """Live sessions on this version (this replica's count with the memory store)."""
+    message: _builtins.str
+    """Why a failed version did not load."""
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The repository's labels that point at this version (versions.json), e.g. "stable"."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        state: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        sessions: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "labels", b"labels", "message", b"message", "model", b"model", "sessions", b"sessions", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelVersionStatus: _TypeAlias = ModelVersionStatus  # noqa: Y015
 
 @_typing.final
 class ConstantInfo(_message.Message):

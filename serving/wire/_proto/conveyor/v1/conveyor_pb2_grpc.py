@@ -60,6 +60,11 @@ class ConveyorStub:
                 request_serializer=conveyor_dot_v1_dot_conveyor__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_conveyor__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/conveyor.v1.Conveyor/ListModels',
+                request_serializer=conveyor_dot_v1_dot_conveyor__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_conveyor__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
         self.Frames = channel.stream_stream(
                 '/conveyor.v1.Conveyor/Frames',
                 request_serializer=conveyor_dot_v1_dot_conveyor__pb2.Frame.SerializeToString,
@@ -110,6 +115,13 @@ class ConveyorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model the server holds, each version with its state (loading, ready, draining, retired, failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Frames(self, request_iterator, context):
         """Bidirectional stream of frames, for gateways that carry many sessions: each Frame holds one chunk for each
         of many sessions, columnar (their ids, offsets and flags, one inputs tensor), and gets one FrameResult with
@@ -149,6 +161,11 @@ def add_ConveyorServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=conveyor_dot_v1_dot_conveyor__pb2.ModelInfoRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_conveyor__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=conveyor_dot_v1_dot_conveyor__pb2.ListModelsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_conveyor__pb2.ListModelsResponse.SerializeToString,
             ),
             'Frames': grpc.stream_stream_rpc_method_handler(
                     servicer.Frames,
@@ -292,6 +309,33 @@ class Conveyor:
             '/conveyor.v1.Conveyor/GetModelInfo',
             conveyor_dot_v1_dot_conveyor__pb2.ModelInfoRequest.SerializeToString,
             conveyor_dot_v1_dot_conveyor__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.Conveyor/ListModels',
+            conveyor_dot_v1_dot_conveyor__pb2.ListModelsRequest.SerializeToString,
+            conveyor_dot_v1_dot_conveyor__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,8 @@ class ConveyorStub:
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.ModelInfoRequest, _conveyor_pb2.ModelInfo]
     """Describes the served model: input kind and size, outputs, fingerprint, vocabulary, limits."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_conveyor_pb2.ListModelsRequest, _conveyor_pb2.ListModelsResponse]
+    """Every model the server holds, each version with its state (loading, ready, draining, retired, failed)."""
     Frames: _grpc.StreamStreamMultiCallable[_conveyor_pb2.Frame, _conveyor_pb2.FrameResponse]
     """Bidirectional stream of frames, for gateways that carry many sessions: each Frame holds one chunk for each
     of many sessions, columnar (their ids, offsets and flags, one inputs tensor), and gets one FrameResult with
@@ -86,6 +88,8 @@ class ConveyorAsyncStub(ConveyorStub):
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.ModelInfoRequest, _conveyor_pb2.ModelInfo]  # type: ignore[assignment]
     """Describes the served model: input kind and size, outputs, fingerprint, vocabulary, limits."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_conveyor_pb2.ListModelsRequest, _conveyor_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Every model the server holds, each version with its state (loading, ready, draining, retired, failed)."""
     Frames: _aio.StreamStreamMultiCallable[_conveyor_pb2.Frame, _conveyor_pb2.FrameResponse]  # type: ignore[assignment]
     """Bidirectional stream of frames, for gateways that carry many sessions: each Frame holds one chunk for each
     of many sessions, columnar (their ids, offsets and flags, one inputs tensor), and gets one FrameResult with
@@ -143,6 +147,14 @@ class ConveyorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_conveyor_pb2.ModelInfo, _abc.Awaitable[_conveyor_pb2.ModelInfo]]:
         """Describes the served model: input kind and size, outputs, fingerprint, vocabulary, limits."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _conveyor_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conveyor_pb2.ListModelsResponse, _abc.Awaitable[_conveyor_pb2.ListModelsResponse]]:
+        """Every model the server holds, each version with its state (loading, ready, draining, retired, failed)."""
 
     @_abc_1.abstractmethod
     def Frames(
