@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 from local_services import redis_server
 
-from serving.bench.cli import add_arguments, options_from_args
+from serving.bench.cli import add_arguments, options_from_args, versions_options_from_args
 from serving.bench.grid import MODES, BenchError, BenchOptions, Row, plan
 from serving.bench.memory import MemoryOptions, run_memory
 from serving.bench.report import format_table, plot, write_json
 from serving.bench.run import run_bench
 from serving.bench.targets import check_targets
+from serving.bench.versions import check_versions, plot_versions, run_versions, summary
+from serving.bench.versions_grid import BOTH, COLUMNS, VersionsOptions
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -130,3 +132,68 @@ def test_flags_pick_the_grid_and_quick_keeps_explicit_ones(tmp_path: Path) -> No
 
 def test_rows_carry_every_documented_key() -> None:
     assert REQUIRED_KEYS | {"channels", "cpu_s_per_1k_steps"} <= {field.name for field in fields(Row)}
+
+
+def test_versions_rows_cover_every_case_and_version(token_artifact: Path, tmp_path: Path) -> None:
+    options = VersionsOptions(
+        model_dir=token_artifact,
+        sessions=2,
+        chunk_steps=(3,),
+        small_sessions=1,
+        small_period_ms=5.0,
+        channels=2,
+        warmup_s=0.1,
+        seconds=0.3,
+        repeats=1,
+    )
+    run = run_versions(options)
+    rows = run.rows
+    assert len(run.passes) == 1 and run.passes[0] == rows
+    assert [(r.case, r.version, r.sessions) for r in rows] == [
+        ("one_version", "1", 2),
+        ("two_busy", "1", 1),
+        ("two_busy", "2", 1),
+        ("two_busy", BOTH, 2),
+        ("small_alone", "2", 1),
+        ("small_busy", "1", 2),
+        ("small_busy", "2", 1),
+        ("small_busy", BOTH, 3),
+    ]
+    for row in rows:
+        assert row.chunk_steps == 3 and row.chunks > 0 and row.seconds > 0
+        assert row.timesteps_per_s > 0 and row.chunks_per_s > 0 and 0 < row.p50_ms <= row.p99_ms
+        assert (row.period_ms == 5.0) == (row.case.startswith("small") and row.version == "2")
+        whole = row.version == BOTH or row.case in ("one_version", "small_alone")  # the case's server figures
+        assert (row.cpu_s_per_1k_steps is not None) == whole and (row.mean_batch is not None) == whole
+    checks = check_versions(run, options)
+    assert [check.bound for check in checks] == [0.95, 1]
+    assert all(check.actual is not None and check.actual > 0 for check in checks)
+    assert "ms alone" in summary(run, options)
+
+    table = format_table(rows, COLUMNS).splitlines()
+    assert len(table) == len(rows) + 1 and table[0].split()[:2] == ["case", "version"]
+    write_json(rows, tmp_path / "versions.json")
+    assert [row["case"] for row in json.loads((tmp_path / "versions.json").read_text())] == [
+        r.case for r in rows
+    ]
+    pytest.importorskip("matplotlib")
+    plot_versions(rows, tmp_path / "versions.png", options)
+    assert (tmp_path / "versions.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_versions_flags_take_one_count_and_refuse_the_grids(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--versions", "--model", str(tmp_path), "--quick", "--sessions", "8", "--small-period-ms", "10"]
+    options = versions_options_from_args(parser.parse_args(argv))
+    assert (options.sessions, options.chunk_steps, options.repeats, options.small_period_ms) == (
+        8,
+        (1,),
+        1,
+        10,
+    )
+    for bad in (["--sessions", "8,16"], ["--modes", "batched"], ["--target", "127.0.0.1:1"]):
+        with pytest.raises(BenchError):
+            versions_options_from_args(parser.parse_args(["--versions", *bad]))
+    with pytest.raises(BenchError):
+        VersionsOptions(model_dir=tmp_path, sessions=1)

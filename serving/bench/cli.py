@@ -9,6 +9,7 @@ from pathlib import Path
 
 from serving.bench.audio_grid import AUDIO_MODES, AudioOptions
 from serving.bench.grid import MODES, BenchError, BenchOptions, quick
+from serving.bench.versions_grid import CASES, VersionsOptions, quick_versions
 
 DEFAULT_MODEL = Path("artifacts/language")
 QUICK_MEMORY_SESSIONS = 10_000
@@ -31,14 +32,24 @@ _FIELDS = (
     "store",
     "ort_parallel_calls",
 )
-# The ones that also set --audio's options.
+# The ones that also set --audio's options, and --versions'.
 _AUDIO_FIELDS = ("modes", "channels", "seconds", "warmup_s", "max_batch_size", "ort_parallel_calls")
+_VERSIONS_FIELDS = (
+    "sessions",
+    "chunk_steps",
+    "channels",
+    "seconds",
+    "warmup_s",
+    "max_batch_size",
+    "repeats",
+    "ort_parallel_calls",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench's flags to `parser` (the `conveyor bench` subcommand's, or a standalone one)."""
     full, fast = BenchOptions(model_dir=DEFAULT_MODEL), quick(BenchOptions(model_dir=DEFAULT_MODEL))
-    audio = AudioOptions(model_dir=DEFAULT_MODEL)
+    audio, versions = AudioOptions(model_dir=DEFAULT_MODEL), VersionsOptions(model_dir=DEFAULT_MODEL)
     add = parser.add_argument
     add("--model", type=Path, default=DEFAULT_MODEL, help="artifact directory to serve (default %(default)s)")
     add("--target", help="HOST:PORT of a running server to drive instead (modes batched and stateless only)")
@@ -89,6 +100,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_counts,
         help=f"--audio's first and most streams (default {audio.first_streams},{audio.most_streams})",
     )
+    add(
+        "--versions",
+        action="store_true",
+        help="two versions of the model served at once instead: their timesteps/s both busy against one "
+        "version's, and a small paced version's p99 alone and beside a busy one, in one run (cases "
+        f"{_show(CASES)}; --sessions takes one count, default {versions.sessions}; --chunk-steps default "
+        f"{_show(versions.chunk_steps)}; --repeats default {versions.repeats})",
+    )
+    add(
+        "--small-sessions",
+        type=int,
+        help=f"--versions: the small version's sessions (default {versions.small_sessions})",
+    )
+    add(
+        "--small-period-ms",
+        type=float,
+        help=f"--versions: ms between a small session's chunks (default {versions.small_period_ms:g})",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
@@ -106,6 +135,9 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.audio:
         _run_audio(args)
+        return
+    if args.versions:
+        _run_versions(args)
         return
     from serving.bench.report import format_row, format_table, plot, write_json
     from serving.bench.run import run_bench
@@ -139,11 +171,7 @@ def _run_memory(args: argparse.Namespace) -> None:
 
 def audio_options_from_args(args: argparse.Namespace) -> AudioOptions:
     """The `AudioOptions` the flags describe (--audio); flags of the grid alone are refused."""
-    unused = [name for name in _FIELDS if name not in _AUDIO_FIELDS and getattr(args, name) is not None]
-    if args.target or unused:
-        names = ["target"] * bool(args.target) + unused
-        flags = ", ".join("--" + name.replace("_", "-") for name in names)
-        raise BenchError(f"--audio starts its own server and searches its own counts: drop {flags}")
+    _refuse_others(args, _AUDIO_FIELDS, "--audio starts its own server and searches its own counts")
     options = AudioOptions(model_dir=args.model)
     options = replace(options, fine_steps=2, warmup_s=0.5, seconds=3.0) if args.quick else options
     given = {name: getattr(args, name) for name in _AUDIO_FIELDS if getattr(args, name) is not None}
@@ -152,6 +180,48 @@ def audio_options_from_args(args: argparse.Namespace) -> AudioOptions:
             raise BenchError("--audio-streams takes two counts: FIRST,MOST")
         given |= {"first_streams": args.audio_streams[0], "most_streams": args.audio_streams[1]}
     return replace(options, **given)
+
+
+def _refuse_others(args: argparse.Namespace, fields: tuple[str, ...], why: str) -> None:
+    """Raise `BenchError` naming --target and the grid's flags given that are not among `fields`."""
+    unused = [name for name in _FIELDS if name not in fields and getattr(args, name) is not None]
+    if args.target or unused:
+        names = ["target"] * bool(args.target) + unused
+        flags = ", ".join("--" + name.replace("_", "-") for name in names)
+        raise BenchError(f"{why}: drop {flags}")
+
+
+def versions_options_from_args(args: argparse.Namespace) -> VersionsOptions:
+    """The `VersionsOptions` the flags describe (--versions); flags of the grid alone are refused."""
+    _refuse_others(args, _VERSIONS_FIELDS, "--versions starts its own servers and runs its own cases")
+    options = VersionsOptions(model_dir=args.model)
+    options = quick_versions(options) if args.quick else options
+    given = {name: getattr(args, name) for name in _VERSIONS_FIELDS if getattr(args, name) is not None}
+    if args.sessions is not None:
+        if len(args.sessions) != 1:
+            raise BenchError("--versions takes one count of --sessions: the full load's")
+        given["sessions"] = args.sessions[0]
+    small = {"small_sessions": args.small_sessions, "small_period_ms": args.small_period_ms}
+    return replace(options, **given, **{name: value for name, value in small.items() if value is not None})
+
+
+def _run_versions(args: argparse.Namespace) -> None:
+    from serving.bench.report import format_row, format_table, write_json
+    from serving.bench.targets import format_checks
+    from serving.bench.versions import check_versions, plot_versions, run_versions, summary
+    from serving.bench.versions_grid import COLUMNS
+
+    options = versions_options_from_args(args)
+    print(format_table([], COLUMNS), flush=True)  # the header; rows follow as they are measured
+    run = run_versions(options, on_row=lambda row: print(format_row(row, COLUMNS), flush=True))
+    if options.repeats > 1:
+        print(f"\nmedians of {options.repeats} passes:\n{format_table(run.rows, COLUMNS)}")
+    print("\n" + summary(run, options))
+    print("\n" + format_checks(check_versions(run, options)))
+    if args.json:
+        write_json(run.rows, args.json)
+    if args.plot:
+        plot_versions(run.rows, args.plot, options)
 
 
 def _run_audio(args: argparse.Namespace) -> None:

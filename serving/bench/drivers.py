@@ -1,8 +1,9 @@
 """The load process's clients: each session keeps one chunk in flight (a closed loop), its next chunk leaving
 when its response arrives, so `sessions` is the concurrency. Sessions are spread over `channels` connections,
 one Stream call each (one_stream: every session multiplexed on one); frames: one Frames call, the sessions in
-as many frames as the job asks, taking turns. Raw generated stubs on purpose: the figure should measure the
-server, not a client library.
+as many frames as the job asks, taking turns. A paced part's sessions wait out their period between chunks
+instead, and a part may start its sessions on a model version of its own (`serving.bench.grid.Part`). Raw
+generated stubs on purpose: the figure should measure the server, not a client library.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from serving.bench.grid import BenchError, Cell
+from serving.bench.grid import BenchError, Cell, Part
 from serving.bench.window import Window
 from serving.bench.wire import stub
 from serving.wire import pb, pb_grpc
@@ -26,10 +27,12 @@ _Message = TypeVar("_Message", pb.ChunkRequest, pb.Frame)
 
 class _Feed:
     """One session's requests. Stateful: one session, offsets advancing, after an optional history prefix.
-    Stateless: every call a fresh session (start + end) carrying the whole history, one new step credited."""
+    Stateless: every call a fresh session (start + end) carrying the whole history, one new step credited.
+    A session's start names `version` (later chunks leave it empty: the session is pinned to it)."""
 
-    def __init__(self, key: str, cell: Cell, inputs: Callable[[int], pb.Tensor]) -> None:
+    def __init__(self, key: str, cell: Cell, inputs: Callable[[int], pb.Tensor], version: str = "") -> None:
         self.key = key
+        self._version = version
         self.sent_s = 0.0
         self.credit = 0  # steps the pending response is worth
         self._stateless = cell.mode == "stateless"
@@ -51,6 +54,7 @@ class _Feed:
                 end=True,
                 outputs=pb.OUTPUT_MODE_LAST,
                 request_id=self.key,
+                model_version=self._version,
             )
         inputs = self._first if self._calls == 1 else self._chunk
         request = pb.ChunkRequest(
@@ -59,19 +63,23 @@ class _Feed:
             offset=self._offset,
             start=self._calls == 1,
             request_id=self.key,
+            model_version=self._version if self._calls == 1 else "",
         )
         self.credit = inputs.shape[0]
         self._offset += self.credit
         return request
 
 
-async def _drive(service: pb_grpc.ConveyorAsyncStub, feeds: list[_Feed], window: Window) -> None:
+async def _drive(
+    service: pb_grpc.ConveyorAsyncStub, feeds: list[_Feed], window: Window, period_s: float = 0.0
+) -> None:
     # Several sessions on the stream: requests go out through grpc's own writer task, so reading a response
     # never waits for the previous write to finish, as in a client with a reader thread (awaiting each write
     # before the next read kept all but 6-8 of 64 sessions on one stream out of the server, waiting here).
-    # One session has nothing to overlap: a direct write spares it a hop through that task.
+    # One session has nothing to overlap: a direct write spares it a hop through that task (unless paced: its
+    # next chunk is put out later, by the loop).
     loop = asyncio.get_running_loop()
-    requests: Requests[pb.ChunkRequest] | None = Requests(loop) if len(feeds) > 1 else None
+    requests: Requests[pb.ChunkRequest] | None = Requests(loop) if len(feeds) > 1 or period_s else None
     call = service.Stream(requests)
     for feed in feeds:
         await _send(call, requests, feed.next())
@@ -79,7 +87,17 @@ async def _drive(service: pb_grpc.ConveyorAsyncStub, feeds: list[_Feed], window:
     async for answer in answers(call, "chunk"):
         feed = by_key[answer.request_id]
         window.record(time.perf_counter() - feed.sent_s, feed.credit)
-        await _send(call, requests, feed.next())
+        if requests is not None and period_s:
+            _send_later(loop, requests, feed, feed.sent_s + period_s)
+        else:
+            await _send(call, requests, feed.next())
+
+
+def _send_later(
+    loop: asyncio.AbstractEventLoop, requests: Requests[pb.ChunkRequest], feed: _Feed, due_s: float
+) -> None:
+    """Put `feed`'s next chunk out at `due_s` (perf_counter seconds), or now if that has passed."""
+    loop.call_later(max(due_s - time.perf_counter(), 0.0), lambda: requests.put(feed.next()))
 
 
 async def answers(call: grpc.aio.StreamStreamCall, kind: str) -> AsyncIterator[Any]:
@@ -168,22 +186,24 @@ async def _drive_frames(service: pb_grpc.ConveyorAsyncStub, feeds: list[_FrameFe
 
 
 def start_drivers(
-    cell: Cell,
+    part: Part,
     channels: list[grpc.aio.Channel],
     make: Callable[[int], pb.Tensor],
     window: Window,
     frames_in_flight: int,
 ) -> list[asyncio.Task[None]]:
-    """Start the clients of `cell` on `channels` (inputs from `make`, answers counted in `window`; frames:
+    """Start the clients of `part` on `channels` (inputs from `make`, answers counted in `window`; frames:
     the sessions split into `frames_in_flight` frames); a task only ends by failing."""
-    prefix = uuid.uuid4().hex[:8]
+    prefix, cell = uuid.uuid4().hex[:8], part.cell
     if cell.mode == "frames":
+        if part.version or part.period_s:
+            raise BenchError("frames parts run on the newest version, unpaced")
         groups = min(frames_in_flight, cell.sessions)
         sizes = [len(range(i, cell.sessions, groups)) for i in range(groups)]
         frames = [_FrameFeed(f"{prefix}-{i}", size, cell, make) for i, size in enumerate(sizes)]
         return [asyncio.create_task(_drive_frames(stub(channels[0]), frames, window))]
-    feeds = [_Feed(f"{prefix}-{i}", cell, make) for i in range(cell.sessions)]
+    feeds = [_Feed(f"{prefix}-{i}", cell, make, part.version) for i in range(cell.sessions)]
     return [
-        asyncio.create_task(_drive(stub(channel), feeds[i :: len(channels)], window))
+        asyncio.create_task(_drive(stub(channel), feeds[i :: len(channels)], window, part.period_s))
         for i, channel in enumerate(channels)
     ]

@@ -111,6 +111,22 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class Part:
+    """Sessions measured beside others in one load process: `cell`'s, each starting on model version
+    `version` ("": the newest ready), and sending a chunk at most every `period_s` (0: as soon as its last
+    is answered; Stream modes only). Each part's answers are counted apart."""
+
+    cell: Cell
+    version: str = ""
+    period_s: float = 0.0
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Part:
+        """The part a job carries (as `dataclasses.asdict` wrote it)."""
+        return cls(Cell(**data["cell"]), data["version"], data["period_s"])
+
+
+@dataclass(frozen=True)
 class Row:
     """One cell's figures: the JSON row and a line of the table."""
 

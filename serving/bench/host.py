@@ -1,4 +1,5 @@
-"""The server side of the bench, in its own process: the real server or the echo server.
+"""The server side of the bench, in its own process: the real server (of one model, or of a model
+repository) or the echo server.
 
 The parent starts `python -m serving.bench.host SPEC_JSON`, reads one JSON line with the ports, and stops
 the child by closing its stdin. A separate process keeps the load generator's CPU out of the server's, and
@@ -26,7 +27,8 @@ _STOP_GRACE_S = 1.0
 
 @dataclass(frozen=True)
 class HostSpec:
-    """What to start: `kind` "server" (with ServerConfig fields in `config`) or "echo"."""
+    """What to start: `kind` "server" (with ServerConfig fields in `config`), "repository" (the same, serving
+    the model repository at `model_dir`) or "echo"."""
 
     kind: str
     model_dir: Path
@@ -110,7 +112,10 @@ def _serve(spec: dict[str, Any], out: TextIO) -> None:
     from serving.server.app import build_server, settle_heap
     from serving.server.config import ServerConfig
 
-    config = ServerConfig(model_dir=Path(spec["model_dir"]), port=0, metrics_port=0, **spec["config"])
+    served: dict[str, Any] = {
+        "models_dir" if spec["kind"] == "repository" else "model_dir": Path(spec["model_dir"])
+    }
+    config = ServerConfig(**served, port=0, metrics_port=0, **spec["config"])
     server = build_server(config, CollectorRegistry())
     settle_heap()  # as `conveyor serve` does
     try:

@@ -1,4 +1,5 @@
-"""The load process: drives one cell against a server (or ONNX Runtime alone) and reports what it measured.
+"""The load process: drives one cell against a server (or ONNX Runtime alone), or several parts side by side
+(job kind `parts`: `serving.bench.grid.Part`, each on a version of its own), and reports what it measured.
 
 The parent runs `python -m serving.bench.load JOB_JSON` and reads its stdout: `start` when the measured window
 opens, `stop` when it closes (the parent reads the server's CPU time at each), then one JSON line of results.
@@ -20,23 +21,27 @@ import numpy as np
 
 from modelcard import ModelSpec
 from serving.bench.drivers import start_drivers
-from serving.bench.grid import BenchError, Cell
-from serving.bench.window import Window, run_window
+from serving.bench.grid import BenchError, Cell, Part
+from serving.bench.window import Window, Windows, run_window
 from serving.bench.wire import CHANNEL_OPTIONS, Job, inputs_maker, stub
 from serving.wire import pb
 
 
 async def _measure_server(job: Job) -> Job:
-    cell = Cell(**job["cell"])
+    """A cell's clients (one part), or each of the job's parts on channels of its own."""
+    parts = [Part.from_json(part) for part in job["parts"]] if "parts" in job else [Part(Cell(**job["cell"]))]
     channels = [
-        grpc.aio.insecure_channel(job["target"], options=CHANNEL_OPTIONS) for _ in range(cell.channels)
+        grpc.aio.insecure_channel(job["target"], options=CHANNEL_OPTIONS)
+        for _ in range(sum(part.cell.channels for part in parts))
     ]
     try:
         info = await stub(channels[0]).GetModelInfo(pb.ModelInfoRequest(), timeout=30)
         make = inputs_maker(info, np.random.default_rng(job.get("seed", 0)))
-        window = Window()
-        tasks = start_drivers(cell, channels, make, window, job["frames_in_flight"])
-        return await run_window(tasks, window, job["warmup_s"], job["seconds"])
+        windows, tasks, taken = Windows(len(parts)), [], 0
+        for part, window in zip(parts, windows.parts, strict=True):
+            mine, taken = channels[taken : taken + part.cell.channels], taken + part.cell.channels
+            tasks += start_drivers(part, mine, make, window, job["frames_in_flight"])
+        return await run_window(tasks, windows, job["warmup_s"], job["seconds"])
     finally:
         for channel in channels:
             await channel.close()
@@ -107,8 +112,8 @@ def run_load(job: Job, on_start: Callable[[], None], on_stop: Callable[[], None]
 
 
 def main(argv: list[str]) -> None:
-    """The load process: run JOB_JSON (kind `cell`, `open` or `audio`) and print its results as one JSON
-    line."""
+    """The load process: run JOB_JSON (kind `cell`, `parts`, `open` or `audio`) and print its results as one
+    JSON line."""
     job = json.loads(argv[0])
     if job["kind"] == "open":
         from serving.bench.idle import open_idle
@@ -118,7 +123,7 @@ def main(argv: list[str]) -> None:
         from serving.bench.realtime import measure_audio
 
         result = measure_audio(job)
-    elif Cell(**job["cell"]).mode == "ort_floor":
+    elif job["kind"] == "cell" and Cell(**job["cell"]).mode == "ort_floor":
         result = _measure_floor(job)
     else:
         result = asyncio.run(_measure_server(job))

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from serving.bench.grid import BenchOptions, Cell, Row, plan, require_model
 from serving.bench.host import Host, HostSpec, hosting, runner_config
 from serving.bench.load import run_load
 from serving.bench.wire import Job
 
-_FIGURES = (
+FIGURES = (
     "timesteps_per_s",
     "chunks_per_s",
     "p50_ms",
@@ -42,19 +42,35 @@ def run_bench(options: BenchOptions, on_row: Callable[[Row], None] | None = None
             passes[cell].append(measure_cell(cell, hosts[key], options))
             if on_row is not None:
                 on_row(passes[cell][-1])
-    return [_median(passes[cell]) for cell in cells]
+    return [median_row(passes[cell]) for cell in cells]
 
 
-def _median(rows: list[Row]) -> Row:
-    """Each figure's median over the passes; counts summed."""
+class _Measured(Protocol):
+    """A row measured in passes: a dataclass with its chunks and seconds (the grid's, the versions')."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def chunks(self) -> int: ...
+
+    @property
+    def seconds(self) -> float: ...
+
+
+_Row = TypeVar("_Row", bound=_Measured)
+
+
+def median_row(rows: Sequence[_Row], figures: Sequence[str] = FIGURES) -> _Row:
+    """The first pass's row, each of its `figures` the median over the passes (of those measured); chunks
+    and seconds summed."""
     if len(rows) == 1:
         return rows[0]
-    figures: dict[str, Any] = {}
-    for name in _FIGURES:
+    medians: dict[str, Any] = {}
+    for name in figures:
         values = [getattr(row, name) for row in rows if getattr(row, name) is not None]
-        figures[name] = statistics.median(values) if values else None
+        medians[name] = statistics.median(values) if values else None
     return replace(
-        rows[0], **figures, chunks=sum(r.chunks for r in rows), seconds=sum(r.seconds for r in rows)
+        rows[0], **medians, chunks=sum(r.chunks for r in rows), seconds=sum(r.seconds for r in rows)
     )
 
 

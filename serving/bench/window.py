@@ -1,5 +1,6 @@
 """What a load process measures of a cell: the chunks and timesteps answered while its window is open, and
-their latencies; the window's opening and closing are told to the parent (which reads the server's CPU)."""
+their latencies; the window's opening and closing are told to the parent (which reads the server's CPU).
+Parts measured side by side (`Windows`) each count in a window of their own, opened and closed together."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class Interval(Protocol):
 
 @dataclass
 class Window:
-    """Counts chunks and keeps latencies of the responses that arrive while it is open."""
+    """Counts chunks and keeps latencies of the responses that arrive while it is open; tells the parent when
+    it opens and closes unless it is one of several (`tell` False)."""
 
     latencies_s: list[float] = field(default_factory=list)
     chunks: int = 0
@@ -42,6 +44,7 @@ class Window:
     is_open: bool = False
     opened_s: float = 0.0
     closed_s: float = 0.0
+    tell: bool = True
 
     def record(self, latency_s: float, steps: int, chunks: int = 1) -> None:
         if self.is_open:
@@ -51,11 +54,13 @@ class Window:
 
     def open(self) -> None:
         self.opened_s, self.is_open = time.perf_counter(), True
-        say("start")
+        if self.tell:
+            say("start")
 
     def close(self) -> None:
         self.closed_s, self.is_open = time.perf_counter(), False
-        say("stop")
+        if self.tell:
+            say("stop")
 
     @property
     def settled(self) -> bool:
@@ -67,6 +72,40 @@ class Window:
         seconds = self.closed_s - self.opened_s
         summary = {"chunks": self.chunks, "steps": self.steps, "seconds": seconds, "cpu_s": cpu_s}
         return {**summary, "p50_ms": float(millis[0]), "p99_ms": float(millis[1]), **extra}
+
+
+class Windows:
+    """The windows of parts measured side by side, opened and closed together (told to the parent once)."""
+
+    def __init__(self, parts: int) -> None:
+        self.parts = [Window(tell=False) for _ in range(parts)]
+
+    def open(self) -> None:
+        for window in self.parts:
+            window.open()
+        say("start")
+
+    def close(self) -> None:
+        for window in self.parts:
+            window.close()
+        say("stop")
+
+    @property
+    def settled(self) -> bool:
+        """Always, as a `Window` is."""
+        return True
+
+    def result(self, cpu_s: float) -> Job:
+        """Every part's answers together, and under `parts` each part's own figures."""
+        first = self.parts[0]
+        together = Window(
+            latencies_s=[latency for window in self.parts for latency in window.latencies_s],
+            chunks=sum(window.chunks for window in self.parts),
+            steps=sum(window.steps for window in self.parts),
+            opened_s=first.opened_s,
+            closed_s=first.closed_s,
+        )
+        return together.result(cpu_s, parts=[window.result(cpu_s) for window in self.parts])
 
 
 async def run_window(
