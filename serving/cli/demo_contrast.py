@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.cli.stream import encode_text
-from serving.client import AsyncConveyorClient, ModelInfo, Outputs
+from serving.client import AsyncConveyorClient, ClientOptions, ModelInfo, Outputs
 
 SENTENCES = 300  # per gap and model
 CONNECTIONS = 4
@@ -117,17 +117,29 @@ def _filler(kind: str, words: int, rng: np.random.Generator) -> str:
 
 
 def streamed_accuracy(
-    target: str, sentences: Sequence[Sentence], seed: int = SEED, most_words: int = MAX_CHUNK_WORDS
+    target: str,
+    sentences: Sequence[Sentence],
+    seed: int = SEED,
+    most_words: int = MAX_CHUNK_WORDS,
+    model: str = "",
 ) -> float:
-    """The fraction of `sentences` whose next word the served model gets right, each streamed as its own
-    session in chunks of 1-`most_words` words, the sessions spread over CONNECTIONS connections."""
-    return asyncio.run(_streamed_accuracy(target, sentences, np.random.default_rng(seed), most_words))
+    """The fraction of `sentences` whose next word the served `model` gets right ("": the server's only one),
+    each streamed as its own session in chunks of 1-`most_words` words, the sessions spread over CONNECTIONS
+    connections."""
+    options = ClientOptions(model=model)
+    return asyncio.run(
+        _streamed_accuracy(target, options, sentences, np.random.default_rng(seed), most_words)
+    )
 
 
 async def _streamed_accuracy(
-    target: str, sentences: Sequence[Sentence], rng: np.random.Generator, most_words: int
+    target: str,
+    options: ClientOptions,
+    sentences: Sequence[Sentence],
+    rng: np.random.Generator,
+    most_words: int,
 ) -> float:
-    clients = [AsyncConveyorClient(target) for _ in range(CONNECTIONS)]
+    clients = [AsyncConveyorClient(target, options) for _ in range(CONNECTIONS)]
     room = asyncio.Semaphore(CONCURRENT_SESSIONS)
     try:
         hits = await asyncio.gather(
