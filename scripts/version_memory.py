@@ -3,16 +3,15 @@ holding 1, 2 and 3 versions of each artifact, their RSS once SERVING (and idle),
 
     .venv/bin/python scripts/version_memory.py artifacts/language artifacts/sensor-h256
 
-Each version is a copy of the artifact (its own ONNX Runtime session, store and batch queue, as a rollout
-holds them); the table is markdown, as docs/repository.md shows it.
+Each version is a copy of the artifact, published as the bench's `--versions` publishes it (its own ONNX
+Runtime session, store and batch queue, as a rollout holds them); the table is markdown, as
+docs/repository.md shows it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from serving.bench.versions import publish
 from serving.client import ConveyorClient
 
 VERSIONS = (1, 2, 3)
@@ -43,15 +43,6 @@ def rss_serving(root: Path) -> int:
         process.wait(10)
 
 
-def repository(artifact: Path, versions: int, into: Path) -> Path:
-    """A repository holding `versions` copies of `artifact`, every one serving (versions.json latest)."""
-    model = into / artifact.name
-    for number in range(1, versions + 1):
-        shutil.copytree(artifact, model / str(number))
-    (model / "versions.json").write_text(json.dumps({"latest": versions}))
-    return into
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("artifacts", nargs="+", type=Path, help="exported artifact directories")
@@ -62,7 +53,8 @@ def main() -> None:
         rss = []
         for versions in VERSIONS:
             with tempfile.TemporaryDirectory() as scratch:
-                rss.append(rss_serving(repository(artifact, versions, Path(scratch))))
+                publish(artifact, Path(scratch), versions)
+                rss.append(rss_serving(Path(scratch)))
         per_version = (rss[-1] - rss[0]) / (VERSIONS[-1] - VERSIONS[0])
         onnx = (artifact / "model.onnx").stat().st_size
         cells = " | ".join(f"{value / 2**20:.0f} MiB" for value in rss)

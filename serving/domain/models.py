@@ -1,10 +1,11 @@
 """The models a server holds, each in versions, and which version a chunk runs on.
 
 Every loaded version has an engine of its own (its sessions, its store, its batch queue), so sessions of two
-versions never share a runtime batch and a small version is never queued behind a busy one. A session is
-pinned to the version its start chunk resolved to (a number, a label, or the newest ready version) and never
-changes version: a later chunk goes to the version that holds it, found in a bounded cache of pins or, missing
-there (another replica started it, or the cache dropped it), by asking the live versions, newest first.
+versions never share a runtime batch and a small version waits for its own batches, never a busy one's. A
+session is pinned to the version its start chunk resolved to (a number, a label, or the newest ready version)
+and never changes version: a later chunk goes to the version that holds it, found in a bounded cache of pins
+or, missing there (another replica started it, or the cache dropped it), by asking the live versions, newest
+first.
 
 A version moves loading -> ready -> draining -> retired (or loading -> failed). A draining version takes no
 new sessions and serves its live ones until they end; past the drain deadline it is retired anyway, and the
@@ -263,7 +264,7 @@ class Models:
             found = model.versions.get(model.labels.get(version, _number(version) or 0))
             if found is not None and found.live:
                 return found
-        raise ModelNotServedError(self._name(name), version, self._served())
+        raise ModelNotServedError(model.name, version, self._served())
 
     # Routing
 
@@ -399,9 +400,6 @@ class Models:
         if model is None:
             raise ModelNotServedError(name, version, self._served())
         return model
-
-    def _name(self, name: str) -> str:
-        return name or next(iter(self._models))
 
     def _served(self) -> str:
         return "; ".join(f"{name!r} {model.describe()}" for name, model in sorted(self._models.items()))

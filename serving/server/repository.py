@@ -20,9 +20,10 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelcard import CARD_FILE, ONNX_FILE
 from serving.domain.batcher import Batcher
 from serving.domain.chunks import ServedModel
 from serving.domain.engine import Engine
@@ -82,8 +83,7 @@ async def serve_version(models: Models, version: Version, runner: StepRunner, se
     metrics.track_sessions(labels, sessions.__len__)
     sessions.start_sweeper(config.sweep_interval_s)
 
-    async def release() -> None:
-        sessions.stop_sweeper()
+    async def release() -> None:  # after the engine closed or retired (its sweeper stopped)
         batcher.close()
         await opened.close()
 
@@ -102,7 +102,7 @@ class _Policy:
     """A model's versions.json: how many of the newest versions are served, and its labels."""
 
     latest: int = 1
-    labels: dict[str, int] | None = None
+    labels: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def read(cls, model_dir: Path) -> _Policy:
@@ -150,20 +150,20 @@ class Repository:
 
     async def _scan_model(self, model_dir: Path) -> None:
         name = model_dir.name
-        for number, directory in _version_dirs(model_dir):
+        present = _version_dirs(model_dir)
+        for number, directory in present:
             await self._load_if_new(name, number, directory)
         policy = _Policy.read(model_dir)
-        self._models.set_labels(name, policy.labels or {})
-        present = {number for number, _ in _version_dirs(model_dir)}
-        self._drain_replaced(name, policy, present)
+        self._models.set_labels(name, policy.labels)
+        self._drain_replaced(name, policy, {number for number, _ in present})
 
     async def _load_if_new(self, name: str, number: int, directory: Path) -> None:
-        mtime = _mtime(directory)
         key = (name, number)
-        if key in self._tried and self._tried[key] == mtime:
-            return
         known = [v for v in self._models.versions() if (v.name, v.number) == key]
         if known and known[0].state is not VersionState.FAILED:
+            return
+        mtime = _mtime(directory)  # a version that failed is tried again once its files change
+        if self._tried.get(key) == mtime:
             return
         if known:
             self._models.forget(known[0])
@@ -183,8 +183,7 @@ class Repository:
         ready version never drains while its replacement loads, or fails to)."""
         versions = [v for v in self._models.versions() if v.name == name]
         ready = sorted((v.number for v in versions if v.state is VersionState.READY), reverse=True)
-        wanted = {n for n in sorted(present, reverse=True)[: policy.latest]}
-        wanted |= set((policy.labels or {}).values())
+        wanted = set(sorted(present, reverse=True)[: policy.latest]) | set(policy.labels.values())
         served = [n for n in ready if n in wanted and n in present]
         if not served:
             return
@@ -205,11 +204,11 @@ def _version_dirs(model_dir: Path) -> list[tuple[int, Path]]:
     """A model's complete version directories (both files written), by number."""
     found = []
     for path in model_dir.iterdir():
-        complete = (path / "model.onnx").exists() and (path / "model.json").exists()
+        complete = (path / ONNX_FILE).exists() and (path / CARD_FILE).exists()
         if path.is_dir() and path.name.isdigit() and complete:
             found.append((int(path.name), path))
     return sorted(found)
 
 
 def _mtime(directory: Path) -> float:
-    return max(p.stat().st_mtime for p in (directory / "model.onnx", directory / "model.json"))
+    return max(p.stat().st_mtime for p in (directory / ONNX_FILE, directory / CARD_FILE))
